@@ -1,0 +1,83 @@
+"""Where everything lives in the store. Pure path arithmetic: no I/O, no globals read here.
+
+The layout carries its version in the path (``v1/``) so that a future layout abandons old
+entries safely instead of misreading them::
+
+    {root}/v1/
+      blobs/ab/abcdef...            wheel bytes, named by their sha256 (verified before rename)
+      trees/ab/abcdef.../           one published, read-only unpacked wheel (renamed into place)
+          site/                     the importable root: what goes on sys.path
+          pyc-cpython-311           marker: site/ holds .pyc for that interpreter's cache tag
+      locks/ab/abcdef....lock       flock files, one per sha256, never deleted while in use
+      tmp/                          staging space on the same filesystem, for atomic renames
+
+Everything staged in ``tmp/`` for a sha256 is named ``{sha256}.*`` and only touched while that
+sha256's lock is held, so a process holding the lock may delete leftovers of a crashed one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+LAYOUT_VERSION = "v1"
+STORE_ENV_VAR = "WHEELCAS_HOME"
+
+
+def default_store_root(environ: Mapping[str, str] | None = None) -> Path:
+    """``$WHEELCAS_HOME``, else ``$XDG_CACHE_HOME/wheelcas``, else ``~/.cache/wheelcas``."""
+    env = os.environ if environ is None else environ
+    if env.get(STORE_ENV_VAR):
+        return Path(env[STORE_ENV_VAR]).expanduser()
+    cache_home = env.get("XDG_CACHE_HOME") or str(Path(env.get("HOME", "~")) / ".cache")
+    return Path(cache_home).expanduser() / "wheelcas"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreLayout:
+    root: Path
+
+    @property
+    def base(self) -> Path:
+        return self.root / LAYOUT_VERSION
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.base / "blobs"
+
+    @property
+    def trees_dir(self) -> Path:
+        return self.base / "trees"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.base / "locks"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.base / "tmp"
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.blobs_dir / sha256[:2] / sha256
+
+    def tree_dir(self, sha256: str) -> Path:
+        return self.trees_dir / sha256[:2] / sha256
+
+    def site_dir(self, sha256: str) -> Path:
+        """The directory that goes on ``sys.path`` for this wheel."""
+        return self.tree_dir(sha256) / "site"
+
+    def pyc_marker(self, sha256: str, cache_tag: str) -> Path:
+        return self.tree_dir(sha256) / f"pyc-{cache_tag}"
+
+    def lock_path(self, sha256: str) -> Path:
+        return self.locks_dir / sha256[:2] / f"{sha256}.lock"
+
+    def staging_prefix(self, sha256: str) -> str:
+        """Prefix of every temp name staged for ``sha256`` (see the module docstring)."""
+        return f"{sha256}."
+
+    def all_dirs(self) -> tuple[Path, ...]:
+        return (self.blobs_dir, self.trees_dir, self.locks_dir, self.tmp_dir)
