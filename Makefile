@@ -15,8 +15,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
 
+# The main job on the embedded default (no daemon): lock the doubler, fill the store, infer.
+# It works on a copy so that the example in the repo stays as committed.
+DEMO_DIR := .demo/doubler
 demo: $(STAMP)
-	$(BIN)/python examples/demo.py
+	rm -rf $(DEMO_DIR) && mkdir -p .demo && cp -R examples/doubler $(DEMO_DIR)
+	$(BIN)/wheelcas lock $(DEMO_DIR)
+	$(BIN)/wheelcas infer $(DEMO_DIR) --entrypoint carton_entrypoint:get_model \
+	    --python '>=3.10' --opt model.an_example_custom_option=true --input 'x=[1, 2, 3]'
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

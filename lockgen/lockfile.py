@@ -83,8 +83,7 @@ class LockedDep:
     @property
     def filename(self) -> str:
         """The wheel's (or bundle's) file name, the last segment of its URL or path."""
-        source = self.url if self.url is not None else self.bundled_whl_path
-        assert source is not None
+        source = self.url if self.url is not None else (self.bundled_whl_path or "")
         return source.split("?", 1)[0].split("#", 1)[0].rstrip("/").rsplit("/", 1)[-1]
 
 
@@ -255,7 +254,7 @@ def write_text_atomic(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
+        Path(tmp_name).replace(path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise

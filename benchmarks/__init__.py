@@ -1,0 +1,1 @@
+"""Benchmarks of wheelcas against uv and pip on the R40 reference workload (`make bench`)."""

@@ -1,0 +1,185 @@
+"""The figures: what each measures, against which yardstick, with which target.
+
+A figure with a yardstick measures both in the same run, interleaved (yardstick, subject,
+subject, yardstick, ...) so that the machine's drift lands on both sides; the ratio of the two
+medians is what is judged. Targets other than the lock figures' 20 ms are proposals: edit
+``TARGETS`` to change them.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from benchmarks import measures
+from benchmarks import wheelcas_adapter as wc
+from benchmarks.report import Outcome, Row, Target, format_seconds, judged
+from benchmarks.session import Session
+
+Measure = Callable[[Session], float]
+
+TARGETS: dict[str, Target] = {
+    # Cold: must not be slower than uv doing the same work (download, unpack, compile .pyc).
+    "cold_ready": Target(max_ratio=1.0),
+    # Warm: must not be slower than uv linking a warm cache into a new venv without .pyc.
+    "warm_ready": Target(max_ratio=1.0),
+    # Import: one sys.path entry per wheel costs about 1.13x a venv (baselines.md).
+    "import": Target(max_ratio=1.15),
+    # Locking an already-locked model dir: no pip, a hash and a read.
+    "lock_unchanged": Target(max_seconds=0.020),
+    "lock_unchanged_fresh": Target(max_seconds=0.020),
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Yardstick:
+    name: str
+    what: str
+    measure: Measure
+    cheap: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Figure:
+    name: str
+    what: str
+    measure: Measure
+    yardstick: Yardstick | None = None
+    needs: tuple[str, ...] = ()
+    cheap: bool = False
+
+
+UV_COLD = Yardstick(
+    name="uv_cold",
+    what="uv pip sync --compile-bytecode, cold uv cache, new venv",
+    measure=measures.uv_cold,
+)
+UV_WARM = Yardstick(
+    name="uv_warm",
+    what="uv pip sync, warm uv cache, new venv, no .pyc",
+    measure=measures.uv_warm,
+    cheap=True,
+)
+PIP_IMPORT = Yardstick(
+    name="pip_import",
+    what="R40 imports, pip venv with .pyc",
+    measure=measures.pip_import,
+)
+
+WHEELCAS_FIGURES: tuple[Figure, ...] = (
+    Figure(
+        name="cold_ready",
+        what="(a) lockfile to all trees ready with .pyc, empty store",
+        measure=measures.cold_ready,
+        yardstick=UV_COLD,
+        needs=("store",),
+    ),
+    Figure(
+        name="warm_ready",
+        what="(b) lockfile to site dirs, warm store",
+        measure=measures.warm_ready,
+        yardstick=UV_WARM,
+        needs=("store",),
+        cheap=True,
+    ),
+    Figure(
+        name="import",
+        what="(c) R40 imports, one sys.path entry per store tree",
+        measure=measures.store_import,
+        yardstick=PIP_IMPORT,
+        needs=("store",),
+    ),
+    Figure(
+        name="lock_unchanged",
+        what="(d) lock() of a locked model dir, warm process (median of 20 calls)",
+        measure=measures.lock_unchanged,
+        needs=("lock",),
+        cheap=True,
+    ),
+    Figure(
+        name="lock_unchanged_fresh",
+        what="(d') import lockgen.lock + first lock() of a locked model dir, new process",
+        measure=measures.lock_unchanged_fresh,
+        needs=("lock",),
+        cheap=True,
+    ),
+)
+
+YARDSTICK_FIGURES: tuple[Figure, ...] = tuple(
+    Figure(name=y.name, what=y.what, measure=y.measure, cheap=y.cheap)
+    for y in (UV_COLD, UV_WARM, PIP_IMPORT)
+)
+
+ALL_FIGURES: dict[str, Figure] = {f.name: f for f in (*WHEELCAS_FIGURES, *YARDSTICK_FIGURES)}
+DEFAULT_FIGURES: tuple[str, ...] = tuple(f.name for f in WHEELCAS_FIGURES)
+
+
+def _progress(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def _sample(session: Session, name: str, measure: Measure, i: int, n: int) -> None:
+    seconds = measure(session)
+    session.samples.setdefault(name, []).append(seconds)
+    _progress(f"  {name} {i + 1}/{n}: {format_seconds(seconds)}")
+
+
+def run_figure(session: Session, figure: Figure) -> Row:
+    """Measure ``figure`` (and its yardstick, interleaved) and judge it."""
+    settings = session.settings
+    n = settings.cheap_runs if figure.cheap else settings.runs
+    yardstick = figure.yardstick
+    absent = [m for capability in figure.needs for m in wc.missing(capability)]
+    _progress(f"{figure.name}: {figure.what}")
+    row = Row(
+        name=figure.name,
+        what=figure.what,
+        yardstick=yardstick.what if yardstick else None,
+        target=TARGETS.get(figure.name, Target()),
+    )
+    try:
+        have = len(session.samples.get(yardstick.name, [])) if yardstick else n
+        for i in range(n):
+            yardstick_first = i % 2 == 0
+            if yardstick is not None and yardstick_first and have <= i:
+                _sample(session, yardstick.name, yardstick.measure, i, n)
+            if not absent:
+                _sample(session, figure.name, figure.measure, i, n)
+            if yardstick is not None and not yardstick_first and have <= i:
+                _sample(session, yardstick.name, yardstick.measure, i, n)
+    except Exception as exc:
+        traceback.print_exc()
+        return _finish(session, row, outcome="error", extra=f"error: {exc}"[:300])
+    if absent:
+        return _finish(session, row, outcome="skipped", extra="not built yet: " + ", ".join(absent))
+    return _finish(session, row)
+
+
+def _finish(session: Session, row: Row, *, outcome: Outcome | None = None, extra: str = "") -> Row:
+    ys = tuple(session.samples.get(_yardstick_name(row.name), []))
+    notes = [*_summarize(session.notes.get(row.name, [])), *([extra] if extra else [])]
+    done = replace(
+        row,
+        samples=tuple(session.samples.get(row.name, [])),
+        yardstick_samples=ys,
+        notes=tuple(notes),
+    )
+    return judged(done) if outcome is None else replace(done, outcome=outcome)
+
+
+def _yardstick_name(figure_name: str) -> str:
+    figure = ALL_FIGURES[figure_name]
+    return figure.yardstick.name if figure.yardstick else ""
+
+
+def _summarize(notes: list[str]) -> list[str]:
+    """Repeated per-sample notes ("in-process 12 ms") shown once, as their list."""
+    if not notes:
+        return []
+    prefix = notes[0].split(" ", 1)[0]
+    if all(n.split(" ", 1)[0] == prefix for n in notes):
+        return [prefix + " " + ", ".join(n.split(" ", 1)[1] for n in notes)]
+    return notes

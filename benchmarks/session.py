@@ -1,0 +1,166 @@
+"""One benchmark run's shared state: the mirror, the index, scratch space, prepared fixtures.
+
+Fixtures are made lazily and at most once per run, untimed: a warm uv cache, a warm wheelcas
+store, a locked model dir, an empty venv. The pip-installed venv is kept across runs in the
+cache (keyed by the pins and the interpreter) because it does not depend on the index's port.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.index_server import IndexInfo
+from benchmarks.mirror import Mirror
+from benchmarks.procs import REPO_ROOT, base_python, force_rmtree, isolated_env, run, uv_binary
+
+#: The R40 import line, the same in every layout measured.
+R40_IMPORTS = (
+    "import numpy, pandas, scipy.stats, sklearn.linear_model, requests, yaml, jinja2, pydantic"
+)
+#: Modules whose ``__file__`` is checked to come from the layout under test.
+CHECKED_MODULES = ("numpy", "pandas", "scipy", "sklearn", "requests", "yaml", "jinja2", "pydantic")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    runs: int
+    cheap_runs: int
+    cache: Path
+    keep_work: bool = False
+
+
+@dataclass(slots=True)
+class Session:
+    settings: Settings
+    mirror: Mirror
+    index: IndexInfo
+    work: Path
+    log: list[str] = field(default_factory=list)
+    #: name -> samples (seconds), filled by the figures; yardsticks are shared through it.
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    notes: dict[str, list[str]] = field(default_factory=dict)
+    _memo: dict[str, Path] = field(default_factory=dict)
+
+    # --- scratch ---------------------------------------------------------------------------
+
+    def scratch(self, prefix: str) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"{prefix}.", dir=self.work))
+
+    def discard(self, path: Path) -> None:
+        if not self.settings.keep_work:
+            force_rmtree(path)
+
+    def has(self, key: str) -> bool:
+        return key in self._memo
+
+    def once(self, key: str, make: Callable[[], Path]) -> Path:
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    def note(self, name: str, text: str) -> None:
+        self.notes.setdefault(name, []).append(text)
+
+    # --- inputs ----------------------------------------------------------------------------
+
+    @property
+    def pins_file(self) -> Path:
+        return self.mirror.pins_path
+
+    def locked_deps(self) -> list[tuple[str, str]]:
+        """(sha256, loopback URL) of every pinned wheel, in pin order."""
+        return [(p.sha256, self.index.file_urls[p.filename]) for p in self.mirror.pins]
+
+    def model_dir(self) -> Path:
+        """A model dir with R40's requirements.txt and a lockfile pointing at the index."""
+
+        def make() -> Path:
+            from benchmarks import wheelcas_adapter as wc
+
+            model = self.work / "model"
+            text = self.mirror.requirements_path.read_text(encoding="utf-8")
+            wc.write_model_dir(model, text, self.locked_deps())
+            return model
+
+        return self.once("model_dir", make)
+
+    # --- venvs -----------------------------------------------------------------------------
+
+    def new_uv_venv(self) -> Path:
+        venv = self.scratch("uv-venv")
+        run([uv_binary(), "venv", "-q", "--python", base_python(), venv], env=isolated_env())
+        return venv
+
+    def uv_sync_argv(self, venv: Path, *, compile_bytecode: bool) -> list[str | Path]:
+        argv: list[str | Path] = [uv_binary(), "pip", "sync", "-q", "--python", venv / "bin/python"]
+        argv += ["--index-url", self.index.simple_url]
+        if compile_bytecode:
+            argv.append("--compile-bytecode")
+        return [*argv, self.pins_file]
+
+    def warm_uv_cache(self) -> Path:
+        """A uv cache holding every R40 wheel from this run's index (made by one sync)."""
+
+        def make() -> Path:
+            cache = self.scratch("uv-cache-warm")
+            venv = self.new_uv_venv()
+            run(
+                self.uv_sync_argv(venv, compile_bytecode=False),
+                env=isolated_env({"UV_CACHE_DIR": str(cache)}),
+            )
+            self.discard(venv)
+            return cache
+
+        return self.once("uv_warm_cache", make)
+
+    def empty_venv(self) -> Path:
+        """A venv with nothing installed: the interpreter for the store's import figure."""
+
+        def make() -> Path:
+            venv = self.work / "empty-venv"
+            run([base_python(), "-m", "venv", "--without-pip", venv], env=isolated_env())
+            return venv
+
+        return self.once("empty_venv", make)
+
+    def pip_venv(self) -> Path:
+        """R40 installed by pip from the index, every file compiled to .pyc (kept across runs)."""
+        return self.once("pip_venv", self._pip_venv)
+
+    def _pip_venv(self) -> Path:
+        python = base_python()
+        key = hashlib.sha256(
+            f"{self.mirror.pins_digest()} {python.resolve()} {sys.version}".encode()
+        ).hexdigest()
+        venv = self.settings.cache / "r40" / "pip-venv"
+        stamp = venv / ".wheelcas-bench-stamp"
+        if stamp.exists() and stamp.read_text(encoding="utf-8") == key:
+            return venv
+        self.log.append(f"making the pip venv of R40 in {venv} (once)")
+        if venv.exists():
+            shutil.rmtree(venv)
+        env = isolated_env()
+        run([python, "-m", "venv", venv], env=env)
+        vpy = venv / "bin" / "python"
+        install: list[str | Path] = [vpy, "-m", "pip", "install", "-q", "--no-deps"]
+        install += ["--require-hashes", "--index-url", self.index.simple_url]
+        run([*install, "-r", self.pins_file], env=env)
+        # pip compiles as it installs; compile again explicitly so that nothing is left out
+        # (this machine sets PYTHONDONTWRITEBYTECODE=1, so imports would never write any).
+        site = run([vpy, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], env=env)
+        run([vpy, "-m", "compileall", "-q", "-j0", site.strip()], env=env)
+        stamp.write_text(key, encoding="utf-8")
+        return venv
+
+
+def compile_project() -> None:
+    """Compile wheelcas's own packages: an installed wheelcas would have its .pyc too."""
+    packages = [REPO_ROOT / p for p in ("lockgen", "cas_daemon", "loader", "benchmarks")]
+    present = [p for p in packages if p.is_dir()]
+    run([sys.executable, "-m", "compileall", "-q", *present], env=isolated_env())

@@ -1,0 +1,153 @@
+"""Every call the benchmarks make into wheelcas, in one place.
+
+The store and the locker are imported inside the functions that use them: the worker
+processes pay only for what their figure needs (the warm path must not import aiohttp), and
+:func:`missing` lets a figure be reported as skipped, with the reason, while a module it needs
+is not there yet.
+
+This module is imported by the measured worker processes (:mod:`benchmarks.wheelcas_worker`):
+keep its top-level imports to the standard library and ``lockgen.lockfile``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lockgen.lockfile import (
+    LockedDep,
+    LockEntry,
+    LockFile,
+    current_environment,
+    entry_markers,
+    read_lockfile,
+    requirements_hash,
+    sha256_hex,
+    write_lockfile,
+)
+
+if TYPE_CHECKING:
+    from cas_daemon.store import Store, WheelRef
+
+#: The modules each capability needs (the store's cold path imports the last three lazily).
+_NEEDS: Mapping[str, tuple[str, ...]] = {
+    "store": (
+        "cas_daemon.store",
+        "cas_daemon.fetch",
+        "cas_daemon.unpack",
+        "cas_daemon.precompile",
+    ),
+    "lock": ("lockgen.lock",),
+}
+
+
+def missing(capability: str) -> list[str]:
+    """The modules the capability needs that cannot be imported (empty: ready to measure)."""
+    absent: list[str] = []
+    for module_name in _NEEDS[capability]:
+        try:
+            importlib.import_module(module_name)
+        except ImportError as exc:
+            absent.append(f"{module_name} ({exc})")
+    return absent
+
+
+# --- lockfiles ------------------------------------------------------------------------------
+
+
+def build_lockfile(model_dir: Path, deps: Sequence[tuple[str, str]]) -> LockFile:
+    """A lockfile for ``model_dir``'s requirements.txt with one entry for this interpreter.
+
+    ``deps`` are ``(sha256, url)`` pairs, in the order they go into the entry.
+    """
+    entry = LockEntry(
+        markers=entry_markers(current_environment()),
+        locked_deps=tuple(LockedDep(sha256=sha256_hex(sha), url=url) for sha, url in deps),
+    )
+    return LockFile(orig_deps_hash=requirements_hash(model_dir), entries=(entry,))
+
+
+def write_model_dir(
+    model_dir: Path, requirements_text: str, deps: Sequence[tuple[str, str]]
+) -> None:
+    """Make ``model_dir`` an already-locked model dir: requirements.txt plus a matching lock."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "requirements.txt").write_text(requirements_text, encoding="utf-8")
+    write_lockfile(model_dir, build_lockfile(model_dir, deps))
+
+
+def locked_deps(model_dir: Path) -> tuple[LockedDep, ...]:
+    """The locked wheels of ``model_dir`` for the running interpreter (read from disk)."""
+    lockfile = read_lockfile(model_dir)
+    if lockfile is None:
+        raise RuntimeError(f"{model_dir} has no lockfile")
+    entry = lockfile.find_entry(current_environment())
+    if entry is None:
+        raise RuntimeError(f"{model_dir}'s lockfile has no entry for this interpreter")
+    return entry.locked_deps
+
+
+# --- the store ------------------------------------------------------------------------------
+
+
+def _store(store_root: Path) -> Store:
+    from cas_daemon.layout import StoreLayout
+    from cas_daemon.store import Store
+
+    return Store(StoreLayout(store_root), max_parallel_downloads=8)
+
+
+def _refs(model_dir: Path) -> list[WheelRef]:
+    from cas_daemon.store import WheelRef
+
+    refs: list[WheelRef] = []
+    for dep in locked_deps(model_dir):
+        bundle = (
+            None if dep.bundled_whl_path is None else model_dir.absolute() / dep.bundled_whl_path
+        )
+        refs.append(WheelRef(dep.sha256, dep.filename, url=dep.url, bundle_path=bundle))
+    return refs
+
+
+def ready(model_dir: Path, store_root: Path) -> list[Path]:
+    """Cold or not: fetch, verify, unpack, precompile and seal every locked wheel."""
+    return _store(store_root).ready(_refs(model_dir), python=sys.executable)
+
+
+def warm_site_dirs(model_dir: Path, store_root: Path) -> list[Path] | None:
+    """The warm path: the site dirs if every tree is ready for this interpreter, else None."""
+    return _store(store_root).warm_site_dirs(_refs(model_dir), sys.implementation.cache_tag)
+
+
+def trees_missing_pyc(store_root: Path, shas: Sequence[str], cache_tag: str) -> list[str]:
+    """The sha256s whose tree lacks the ``pyc-{cache_tag}`` marker (empty: all compiled)."""
+    from cas_daemon.layout import StoreLayout
+
+    layout = StoreLayout(store_root)
+    return [s for s in shas if not layout.pyc_marker(s, cache_tag).exists()]
+
+
+# --- the locker -----------------------------------------------------------------------------
+
+
+def lock_action(model_dir: Path) -> str:
+    """``lock(model_dir)`` with the running interpreter; returns the result's ``action``."""
+    from lockgen.lock import lock
+
+    return lock(model_dir).action
+
+
+# --- sys.path for the import figure ----------------------------------------------------------
+
+
+def sys_path_prelude(site_dirs: Sequence[Path]) -> str:
+    """Python source that puts the store's site dirs on ``sys.path``, one entry per wheel.
+
+    They are appended, so the standard library is searched first, exactly as a venv's
+    site-packages comes after it. (Kept here so that it can become the loader's own
+    ``sys.path`` plan once ``loader.syspath`` exists.)
+    """
+    return f"import sys; sys.path.extend({[str(p) for p in site_dirs]!r}); "

@@ -1,0 +1,385 @@
+"""The store: every locked wheel unpacked once, by sha256, into a read-only importable tree.
+
+``Store.aready`` follows "Publishing a tree" in docs/design.md. Processes coordinate by the
+per-sha256 ``flock`` (the second one waits, then finds the tree: one download per wheel);
+inside a process, concurrent requests for a wheel and interpreter share one task. The warm
+path (``warm_site_dirs``) is ``stat`` calls only, and the module imports nothing heavy: the
+cold path imports asyncio, aiohttp, unpacking and compiling itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import os
+import secrets
+import sys
+import weakref
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar
+
+from cas_daemon.errors import HashMismatch, StoreError
+from cas_daemon.layout import StoreLayout, default_store_root
+from cas_daemon.progress import EventKind, ProgressCallback, ProgressEvent
+from lockgen.lockfile import LockedDep, Sha256
+
+if TYPE_CHECKING:
+    # asyncio costs ~30 ms to import and the warm path never needs it: the cold-path
+    # functions import it themselves.
+    import asyncio
+
+    from cas_daemon.fetch import Downloader
+    from cas_daemon.unpack import UnpackLimits
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class _Emit(Protocol):
+    def __call__(self, kind: EventKind, nbytes: int = 0) -> None: ...
+
+
+_LOCK_POLL_FIRST = 0.005
+_LOCK_POLL_MAX = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class WheelRef:
+    """Where one locked wheel's bytes come from: an index URL or a file in the model dir."""
+
+    sha256: Sha256
+    filename: str
+    url: str | None = None
+    bundle_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.url is None) == (self.bundle_path is None):
+            raise ValueError("a WheelRef has exactly one of url and bundle_path")
+        if self.bundle_path is not None and not self.bundle_path.is_absolute():
+            raise ValueError(f"bundle_path must be absolute: {self.bundle_path}")
+
+    @classmethod
+    def from_locked_dep(cls, dep: LockedDep, model_dir: Path) -> WheelRef:
+        if dep.url is not None:
+            return cls(dep.sha256, dep.filename, url=dep.url)
+        bundle = model_dir.absolute() / str(dep.bundled_whl_path)
+        return cls(dep.sha256, dep.filename, bundle_path=bundle)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    blobs: int
+    blob_bytes: int
+    trees: int
+    tree_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Flight:
+    """One wheel being made ready; every caller waiting on it listens to its progress."""
+
+    task: asyncio.Task[None]
+    listeners: list[ProgressCallback]
+
+
+@dataclass(slots=True)
+class _LoopState:
+    """What the calls on one event loop share: flights and the downloader.
+
+    The downloader (and its session) is made by the first download and closed when the
+    last flight lands, so a caller that gives up early cannot close it under another's.
+    """
+
+    flights: dict[tuple[str, str], _Flight] = field(default_factory=dict)
+    downloader: Downloader | None = None
+
+
+class Store:
+    """The content-addressed store under one root (see :mod:`cas_daemon.layout`)."""
+
+    def __init__(
+        self,
+        layout: StoreLayout,
+        *,
+        max_parallel_downloads: int = 8,
+        limits: UnpackLimits | None = None,
+    ) -> None:
+        if max_parallel_downloads < 1:
+            raise ValueError("max_parallel_downloads must be at least 1")
+        self.layout = layout
+        self.max_parallel_downloads = max_parallel_downloads
+        self._limits = limits  # None: unpack's defaults, imported only when unpacking
+        self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @classmethod
+    def open_default(cls, *, max_parallel_downloads: int = 8) -> Store:
+        """The store at ``$WHEELCAS_HOME`` (or the user cache dir)."""
+        return cls(StoreLayout(default_store_root()), max_parallel_downloads=max_parallel_downloads)
+
+    # --- the warm path -----------------------------------------------------------------
+
+    def warm_site_dirs(self, refs: Sequence[WheelRef], cache_tag: str) -> list[Path] | None:
+        """The site dirs of ``refs`` if all are published and compiled for ``cache_tag``.
+
+        One ``stat`` per wheel: the marker lives inside the tree, which appears by one rename,
+        so an existing marker means a complete tree. None as soon as one is missing.
+        """
+        layout = self.layout
+        sites: list[Path] = []
+        for ref in refs:
+            if not os.path.exists(layout.pyc_marker(ref.sha256, cache_tag)):  # noqa: PTH110
+                return None
+            sites.append(layout.site_dir(ref.sha256))
+        return sites
+
+    # --- the cold path -----------------------------------------------------------------
+
+    def ready(
+        self,
+        refs: Sequence[WheelRef],
+        *,
+        python: str = sys.executable,
+        progress: ProgressCallback | None = None,
+    ) -> list[Path]:
+        """Blocking :meth:`aready` for callers without an event loop."""
+        import asyncio
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise RuntimeError(
+                "Store.ready() cannot run inside a running event loop; "
+                "use `await store.aready(...)` there instead."
+            )
+        return asyncio.run(self.aready(refs, python=python, progress=progress))
+
+    async def aready(
+        self,
+        refs: Sequence[WheelRef],
+        *,
+        python: str = sys.executable,
+        progress: ProgressCallback | None = None,
+    ) -> list[Path]:
+        """Make every wheel of ``refs`` importable by ``python``; their site dirs, in order.
+
+        Raises :class:`StoreError` subclasses (``FetchError``, ``HashMismatch``, unpack
+        errors) for the first wheel that fails; other wheels keep going in the background
+        and are published if they can be.
+        """
+        import asyncio
+
+        from cas_daemon.precompile import interpreter_cache_tag
+
+        cache_tag = await asyncio.to_thread(interpreter_cache_tag, python)
+        unique = {ref.sha256: ref for ref in refs}.values()
+        warm = self.warm_site_dirs(refs, cache_tag)
+        if warm is not None:
+            for ref in unique:
+                if progress is not None:
+                    progress(ProgressEvent("cached", ref.sha256, ref.filename))
+            return warm
+        for directory in self.layout.all_dirs():
+            directory.mkdir(parents=True, exist_ok=True)
+        state = self._states.setdefault(asyncio.get_running_loop(), _LoopState())
+        joined: list[_Flight] = []
+        try:
+            for ref in unique:
+                flight = state.flights.get((ref.sha256, cache_tag))
+                if flight is None:
+                    flight = self._launch(state, ref, python, cache_tag)
+                if progress is not None:
+                    flight.listeners.append(progress)
+                joined.append(flight)
+            # shield: a caller that is cancelled stops waiting, the shared work goes on.
+            await asyncio.gather(*(asyncio.shield(f.task) for f in joined))
+        finally:
+            if progress is not None:
+                for flight in joined:
+                    with contextlib.suppress(ValueError):
+                        flight.listeners.remove(progress)
+        return [self.layout.site_dir(ref.sha256) for ref in refs]
+
+    def stats(self) -> StoreStats:
+        blobs, blob_bytes = _count_files(self.layout.blobs_dir)
+        trees_dir = self.layout.trees_dir
+        trees = sum(1 for _ in trees_dir.glob("*/*")) if trees_dir.is_dir() else 0
+        _, tree_bytes = _count_files(trees_dir)
+        return StoreStats(blobs=blobs, blob_bytes=blob_bytes, trees=trees, tree_bytes=tree_bytes)
+
+    def _launch(self, state: _LoopState, ref: WheelRef, python: str, cache_tag: str) -> _Flight:
+        import asyncio
+
+        key = (ref.sha256, cache_tag)
+        listeners: list[ProgressCallback] = []
+
+        def emit(kind: EventKind, nbytes: int = 0) -> None:
+            event = ProgressEvent(kind, ref.sha256, ref.filename, nbytes)
+            for listener in list(listeners):
+                listener(event)
+
+        async def fly() -> None:
+            try:
+                await self._make_ready(state, ref, python, cache_tag, emit)
+            finally:
+                state.flights.pop(key, None)
+                if not state.flights and state.downloader is not None:
+                    downloader, state.downloader = state.downloader, None
+                    await downloader.aclose()
+
+        task = asyncio.get_running_loop().create_task(fly(), name=f"ready {ref.filename}")
+        # A failure nobody awaits any more (its callers were cancelled) is not worth a warning.
+        task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
+        state.flights[key] = flight = _Flight(task, listeners)
+        return flight
+
+    async def _make_ready(
+        self, state: _LoopState, ref: WheelRef, python: str, cache_tag: str, emit: _Emit
+    ) -> None:
+        sha = ref.sha256
+        marker = self.layout.pyc_marker(sha, cache_tag)
+        if marker.exists():
+            emit("cached")
+            return
+        from cas_daemon.precompile import compile_published
+
+        async with _exclusive(self.layout.lock_path(sha)):
+            await _locked_step(self._remove_leftovers, sha)
+            if not self.layout.tree_dir(sha).exists():
+                emit("start")
+                source = await self._obtain(state, ref, emit)
+                size = await _locked_step(self._publish, ref, source, python, cache_tag)
+                emit("ready", size)
+            elif not marker.exists():
+                emit("start")
+                site = self.layout.site_dir(sha)
+                await _locked_step(compile_published, site, python, marker)
+                emit("ready")
+            else:  # another process published it while this one waited for the lock
+                emit("cached")
+
+    async def _obtain(self, state: _LoopState, ref: WheelRef, emit: _Emit) -> Path:
+        """The file to unpack: the bundle in the model dir, or the blob (fetched if needed)."""
+        if ref.bundle_path is not None:
+            if not ref.bundle_path.is_file():
+                raise StoreError(
+                    f"the bundled wheel {ref.bundle_path} is missing from the model dir. "
+                    "Restore the model's .carton folder, or re-lock it (`wheelcas lock DIR`)."
+                )
+            return ref.bundle_path
+        blob = self.layout.blob_path(ref.sha256)
+        if blob.is_file():  # blobs are only ever renamed in verified
+            return blob
+        from cas_daemon.fetch import Downloader
+
+        if state.downloader is None:
+            state.downloader = Downloader(self.max_parallel_downloads)
+        on_bytes = functools.partial(emit, "bytes")
+        await state.downloader.fetch(
+            str(ref.url), ref.sha256, blob, self.layout.tmp_dir, on_bytes=on_bytes
+        )
+        return blob
+
+    # --- blocking steps, run in a thread while the wheel's lock is held -------------------
+
+    def _remove_leftovers(self, sha: str) -> None:
+        from cas_daemon.precompile import remove_sealed
+
+        for path in self.layout.tmp_dir.glob(f"{self.layout.staging_prefix(sha)}*"):
+            remove_sealed(path)
+
+    def _publish(self, ref: WheelRef, source: Path, python: str, cache_tag: str) -> int:
+        from lockgen.bundle import is_bundle
+
+        from cas_daemon.precompile import compile_tree, remove_sealed, seal_read_only, write_marker
+        from cas_daemon.unpack import UnpackLimits, unpack_wheel
+
+        layout = self.layout
+        staging = layout.tmp_dir / f"{layout.staging_prefix(ref.sha256)}{secrets.token_hex(8)}"
+        staging.mkdir()
+        try:
+            if ref.bundle_path is not None and not is_bundle(source):
+                # A plain bundled .whl has no other check: the lockfile's sha256 is it.
+                actual = _sha256_file(source)
+                if actual != ref.sha256:
+                    raise HashMismatch(str(source), ref.sha256, actual)
+            site = staging / "site"
+            limits = self._limits if self._limits is not None else UnpackLimits()
+            unpack_wheel(source, site, limits=limits, display_name=ref.filename)
+            compile_tree(site, python, display_dir=layout.site_dir(ref.sha256))
+            write_marker(staging / layout.pyc_marker(ref.sha256, cache_tag).name, python)
+            seal_read_only(site)
+            tree = layout.tree_dir(ref.sha256)
+            tree.parent.mkdir(parents=True, exist_ok=True)
+            staging.rename(tree)
+        except BaseException:
+            remove_sealed(staging)
+            raise
+        return source.stat().st_size
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _count_files(top: Path) -> tuple[int, int]:
+    count = size = 0
+    for root, _dirs, files in os.walk(top):
+        for name in files:
+            count += 1
+            size += Path(root, name).lstat().st_size
+    return count, size
+
+
+@contextlib.asynccontextmanager
+async def _exclusive(path: Path) -> AsyncIterator[None]:
+    """Hold the exclusive ``flock`` on ``path`` for the block, without blocking the loop.
+
+    It polls with ``LOCK_NB`` rather than waiting in ``asyncio.to_thread``: threads blocked
+    in ``flock`` would fill the shared executor, and two processes each waiting on the
+    other's locks could then have no thread left to finish the work that releases them.
+    Contention is rare (two processes publishing the same wheel) and a short poll is cheap.
+    """
+    import asyncio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        delay = _LOCK_POLL_FIRST
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _LOCK_POLL_MAX)
+        yield
+    finally:
+        os.close(fd)  # closing the only descriptor releases the lock
+
+
+async def _locked_step(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run blocking ``fn`` in a thread; if cancelled, still wait for the thread to end.
+
+    A thread cannot be stopped. Returning early would release the wheel's lock while the
+    thread still writes in ``tmp/``, and the next lock holder would delete files under it.
+    """
+    import asyncio
+
+    future = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise

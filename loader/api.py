@@ -1,0 +1,75 @@
+"""The public Python API, shaped like Carton's binding (synchronous here)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+
+from loader import embedded, syspath
+from loader.errors import ModelConfigError
+from loader.model import Model, ModelInfo, instantiate
+from loader.options import OptionValue, parse_runner_opts
+from loader.semver import parse_requirement
+from lockgen.errors import InterpreterError
+
+
+def _visible_device_env(visible_device: str | int | None) -> str | None:
+    if visible_device is None:
+        return None
+    if str(visible_device).lower() == "cpu":
+        return ""  # hides every GPU from CUDA
+    return str(visible_device)
+
+
+def load_unpacked(
+    path: str | os.PathLike[str],
+    runner_name: str = "python",
+    required_framework_version: str | None = None,
+    runner_compat_version: int | None = None,
+    runner_opts: Mapping[str, OptionValue] | None = None,
+    visible_device: str | int | None = None,
+    **_pack_metadata: object,
+) -> Model:
+    """Lock if needed, make every locked wheel ready, assemble ``sys.path``, call the entrypoint.
+
+    Runs the model in this process (the embedded default). Pack-only arguments that Carton
+    accepts here (``model_name``, ``inputs``, ...) are accepted and ignored.
+    """
+    del runner_compat_version  # accepted for Carton compatibility; one runner version here
+    model_dir = Path(path).absolute()
+    if runner_name != "python":
+        raise ModelConfigError(
+            f"runner_name {runner_name!r} is not supported; wheelcas runs 'python' models."
+        )
+    if required_framework_version is None:
+        raise ModelConfigError(
+            "required_framework_version is required: the Python versions the model runs on, "
+            "e.g. '=3.11' or '>=3.9, <3.13'."
+        )
+    requirement = parse_requirement(required_framework_version)
+    if not requirement.matches(platform.python_version()):
+        raise InterpreterError(
+            f"this process runs Python {platform.python_version()}, but the model requires "
+            f"{required_framework_version!r}. Load it from an interpreter in that range."
+        )
+    options = parse_runner_opts(runner_opts)
+    if not model_dir.is_dir():
+        raise ModelConfigError(f"{model_dir} is not a directory; pass the model's code dir.")
+    dirs = embedded.package_dirs(model_dir)
+    plan = embedded.plan_for(model_dir, dirs)
+    syspath.apply(plan)
+    device = _visible_device_env(visible_device)
+    if device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
+    instance = instantiate(model_dir, options)
+    info = ModelInfo(
+        model_dir=model_dir,
+        runner_name=runner_name,
+        required_framework_version=required_framework_version,
+        runner_opts=dict(runner_opts or {}),
+        python_version=platform.python_version(),
+        sys_path_entries=plan.entries,
+    )
+    return Model(instance, info)

@@ -1,0 +1,184 @@
+"""The ``wheelcas`` command. ``main(argv) -> int`` so that tests run it in-process.
+
+Every expected failure is a :class:`~lockgen.errors.WheelcasError`: printed as
+``wheelcas: error: ...`` with its exit code (2 for bad input), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from loader.errors import ModelConfigError
+from lockgen.errors import WheelcasError
+
+_INPUT_HELP = "NAME=JSON (e.g. x=[1,2,3]) or NAME=@file.npy; repeatable"
+
+
+def _add_pip_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("pip index options (added to the user's pip configuration)")
+    group.add_argument("-i", "--index-url", help="base URL of the package index")
+    group.add_argument("--extra-index-url", action="append", default=[], metavar="URL")
+    group.add_argument("-f", "--find-links", action="append", default=[], metavar="URL|DIR")
+    group.add_argument("--no-index", action="store_true", help="ignore package indexes")
+    group.add_argument("--trusted-host", action="append", default=[], metavar="HOST")
+
+
+def _pip_args(ns: argparse.Namespace) -> list[str]:
+    args: list[str] = []
+    if ns.index_url:
+        args += ["--index-url", ns.index_url]
+    for url in ns.extra_index_url:
+        args += ["--extra-index-url", url]
+    for link in ns.find_links:
+        args += ["--find-links", link]
+    if ns.no_index:
+        args.append("--no-index")
+    for host in ns.trusted_host:
+        args += ["--trusted-host", host]
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wheelcas",
+        description="Lock, store once and load Python models with their dependencies.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only print errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("lock", help="resolve requirements.txt into .carton/carton.lock")
+    p.add_argument("model_dir", type=Path, metavar="DIR")
+    p.add_argument("--python", metavar="INTERPRETER", help="path, command or version (3.12)")
+    p.add_argument(
+        "--bundle-format",
+        choices=["zst", "whl"],
+        default="zst",
+        help="zst: compressed bundles (default); whl: plain wheels, as Carton writes them",
+    )
+    _add_pip_options(p)
+
+    p = sub.add_parser("prefetch", help="make every wheel of a model or lockfile ready")
+    p.add_argument("targets", type=Path, nargs="+", metavar="DIR|LOCKFILE")
+    p.add_argument("--python", metavar="INTERPRETER", help="compile .pyc for this interpreter")
+
+    p = sub.add_parser("infer", help="load a model and run one inference")
+    p.add_argument("model_dir", type=Path, metavar="DIR")
+    p.add_argument("--entrypoint", required=True, metavar="PACKAGE:FUNCTION")
+    p.add_argument("--python", required=True, metavar="RANGE", help="e.g. '>=3.10' or '=3.11'")
+    p.add_argument("--opt", action="append", default=[], metavar="model.NAME=VALUE")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=VALUE", help=_INPUT_HELP)
+    p.add_argument("--json", action="store_true", help="print the outputs as one JSON object")
+
+    p = sub.add_parser("path", help="print the model's PYTHONPATH (locking if needed)")
+    p.add_argument("model_dir", type=Path, metavar="DIR")
+    p.add_argument("--lines", action="store_true", help="one entry per line")
+    return parser
+
+
+def _cmd_lock(ns: argparse.Namespace) -> int:
+    from lockgen.lock import lock
+
+    result = lock(
+        ns.model_dir, python=ns.python, pip_args=_pip_args(ns), bundle_format=ns.bundle_format
+    )
+    bundled = sum(d.bundled_whl_path is not None for d in result.entry.locked_deps)
+    print(
+        f"{result.action}: {result.path} ({len(result.entry.locked_deps)} wheels, "
+        f"{bundled} bundled; Python {result.entry.markers.get('python_version', '?')})"
+    )
+    return 0
+
+
+def _cmd_prefetch(ns: argparse.Namespace) -> int:
+    from cas_daemon.prefetch import collect_refs, prefetch
+    from cas_daemon.progress import make_renderer
+    from lockgen.interpreters import resolve_interpreter
+
+    python = resolve_interpreter(ns.python)
+    total = len(collect_refs(ns.targets, python))
+    with make_renderer(sys.stderr, total) as progress:
+        report = prefetch(ns.targets, python=python, progress=progress)
+    print(
+        f"{report.wheels} wheels ready ({report.readied} made ready now, "
+        f"{report.already_ready} already ready)"
+    )
+    return 0
+
+
+def _parse_input(assignment: str) -> tuple[str, Any]:
+    import numpy as np
+
+    name, sep, raw = assignment.partition("=")
+    if not sep or not name:
+        raise ModelConfigError(f"--input {assignment!r}: expected {_INPUT_HELP}.")
+    if raw.startswith("@"):
+        try:
+            return name, np.load(raw[1:], allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ModelConfigError(f"--input {name}: cannot read {raw[1:]}: {exc}") from None
+    try:
+        return name, np.asarray(json.loads(raw))
+    except ValueError as exc:
+        raise ModelConfigError(f"--input {name}: {raw!r} is not JSON ({exc}).") from None
+
+
+def _cmd_infer(ns: argparse.Namespace) -> int:
+    from loader.api import load_unpacked
+    from loader.options import parse_cli_option
+
+    package, sep, function = ns.entrypoint.partition(":")
+    if not sep:
+        raise ModelConfigError(f"--entrypoint {ns.entrypoint!r}: expected PACKAGE:FUNCTION.")
+    opts: dict[str, Any] = {"entrypoint_package": package, "entrypoint_fn": function}
+    opts.update(parse_cli_option(a) for a in ns.opt)
+    for assignment in ns.input:  # fail on a malformed --input before the slow part
+        if "=" not in assignment.lstrip("="):
+            raise ModelConfigError(f"--input {assignment!r}: expected {_INPUT_HELP}.")
+    model = load_unpacked(ns.model_dir, required_framework_version=ns.python, runner_opts=opts)
+    # numpy is imported only now, from the model's own sys.path, never the host's first.
+    inputs = dict(_parse_input(a) for a in ns.input)
+    outputs = model.infer(inputs)
+    if ns.json:
+        print(json.dumps({k: getattr(v, "tolist", lambda v=v: v)() for k, v in outputs.items()}))
+    else:
+        for name, value in outputs.items():
+            print(f"{name} = {value}")
+    return 0
+
+
+def _cmd_path(ns: argparse.Namespace) -> int:
+    from loader import embedded
+
+    model_dir = ns.model_dir.absolute()
+    plan = embedded.plan_for(model_dir, embedded.package_dirs(model_dir))
+    print(("\n" if ns.lines else os.pathsep).join(plan.entries))
+    return 0
+
+
+_COMMANDS = {"lock": _cmd_lock, "prefetch": _cmd_prefetch, "infer": _cmd_infer, "path": _cmd_path}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    level = logging.WARNING if ns.quiet else logging.DEBUG if ns.verbose else logging.INFO
+    logging.basicConfig(level=level, format="wheelcas: %(message)s", stream=sys.stderr)
+    try:
+        return _COMMANDS[ns.command](ns)
+    except WheelcasError as exc:
+        print(f"wheelcas: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("wheelcas: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Runner options: validated once, with errors that name the option."""
+
+from __future__ import annotations
+
+import pytest
+
+from loader.errors import ModelConfigError
+from loader.options import parse_cli_option, parse_cli_value, parse_runner_opts
+
+
+def test_model_options_become_keyword_arguments_and_bools_stay_bools() -> None:
+    opts = parse_runner_opts(
+        {
+            "entrypoint_package": "some.sub.module",
+            "entrypoint_fn": "get_model",
+            "model.flag": False,
+            "model.scale": 2,
+            "bundled_packages_dir": "packages",
+        }
+    )
+    assert opts.entrypoint_package == "some.sub.module"
+    assert opts.model_kwargs == {"flag": False, "scale": 2}
+    assert opts.model_kwargs["flag"] is False
+    assert opts.other == {"bundled_packages_dir": "packages"}
+
+
+@pytest.mark.parametrize(
+    ("opts", "complaint"),
+    [
+        ({"entrypoint_fn": "f"}, "`entrypoint_package` is missing"),
+        ({"entrypoint_package": "m"}, "`entrypoint_fn` is missing"),
+        ({"entrypoint_package": "m/x", "entrypoint_fn": "f"}, "dotted module path"),
+        ({"entrypoint_package": "m", "entrypoint_fn": "f.g"}, "identifier"),
+        ({"entrypoint_package": "m", "entrypoint_fn": "f", "model.x": [1]}, "type list"),
+        ({"entrypoint_package": "m", "entrypoint_fn": "f", "model.x": None}, "type NoneType"),
+        ({"entrypoint_package": "m", "entrypoint_fn": "f", "model.a-b": 1}, "not a Python"),
+    ],
+)
+def test_bad_options_name_the_option(opts: dict[str, object], complaint: str) -> None:
+    with pytest.raises(ModelConfigError, match="option") as info:
+        parse_runner_opts(opts)
+    assert complaint in str(info.value)
+
+
+def test_cli_values() -> None:
+    assert parse_cli_value("true") is True
+    assert parse_cli_value("false") is False
+    assert parse_cli_value("3") == 3
+    assert parse_cli_value("2.5") == 2.5
+    assert parse_cli_value('"3"') == "3"
+    assert parse_cli_value("hello world") == "hello world"
+    assert parse_cli_option("model.x=1") == ("model.x", 1)
+    with pytest.raises(ModelConfigError, match="JSON list"):
+        parse_cli_value("[1, 2]")
+    with pytest.raises(ModelConfigError, match="NAME=VALUE"):
+        parse_cli_option("model.x")

@@ -1,0 +1,370 @@
+"""The store against a real loopback index: publish, warm path, interpreters, processes."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import marshal
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from cas_daemon.errors import HashMismatch, StoreError
+from cas_daemon.layout import StoreLayout, default_store_root
+from cas_daemon.progress import ProgressEvent, make_renderer
+from cas_daemon.store import Store, WheelRef
+from lockgen.lockfile import LockedDep, sha256_hex
+from tests.support.index import PackageIndex
+from tests.support.wheels import build_wheel, sha256_file
+
+TAG = sys.implementation.cache_tag
+
+
+def _ref(index: PackageIndex, wheel: Path) -> WheelRef:
+    return WheelRef(sha256_hex(sha256_file(wheel)), wheel.name, url=index.file_url(wheel.name))
+
+
+def _wheels(wheel_dir: Path, *names: str) -> list[Path]:
+    return [build_wheel(wheel_dir, n, files={f"{n}/__init__.py": f"NAME = {n!r}\n"}) for n in names]
+
+
+def _files(directory: Path) -> list[Path]:
+    return [p for p in directory.rglob("*") if not p.is_dir()] if directory.exists() else []
+
+
+@pytest.fixture
+def store() -> Store:
+    return Store(StoreLayout(default_store_root()))
+
+
+def test_ready_publishes_compiled_read_only_trees(
+    store: Store, package_index: PackageIndex, wheel_dir: Path
+) -> None:
+    wheels = _wheels(wheel_dir, "alpha", "beta")
+    refs = [_ref(package_index, w) for w in wheels]
+
+    sites = store.ready(refs)
+
+    assert sites == [store.layout.site_dir(r.sha256) for r in refs]
+    for site, name in zip(sites, ["alpha", "beta"], strict=True):
+        assert (site / name / "__init__.py").read_text() == f"NAME = {name!r}\n"
+        assert list((site / name / "__pycache__").glob(f"*.{TAG}.pyc"))
+        assert (site.parent / f"pyc-{TAG}").is_file()
+        for path in [site, *site.rglob("*")]:
+            assert stat.S_IMODE(path.stat().st_mode) & 0o222 == 0, path
+        if os.geteuid() != 0:  # root writes through permission bits
+            with pytest.raises(PermissionError):
+                (site / name / "__init__.py").write_text("changed")
+    assert _files(store.layout.tmp_dir) == []
+    assert all(store.layout.blob_path(r.sha256).is_file() for r in refs)
+
+
+def test_pyc_name_the_final_path_not_the_staging_dir(
+    store: Store, package_index: PackageIndex, wheel_dir: Path
+) -> None:
+    (site,) = store.ready([_ref(package_index, _wheels(wheel_dir, "gamma")[0])])
+    (pyc,) = (site / "gamma" / "__pycache__").glob(f"*.{TAG}.pyc")
+    code = marshal.loads(pyc.read_bytes()[16:])  # noqa: S302 - a file this test just made
+    assert code.co_filename == str(site / "gamma" / "__init__.py")
+
+
+def test_second_ready_is_warm_and_downloads_nothing(
+    store: Store, package_index: PackageIndex, wheel_dir: Path
+) -> None:
+    wheels = _wheels(wheel_dir, "alpha", "beta")
+    refs = [_ref(package_index, w) for w in wheels]
+    assert store.warm_site_dirs(refs, TAG) is None
+    first = store.ready(refs)
+    events: list[ProgressEvent] = []
+
+    assert store.warm_site_dirs(refs, TAG) == first
+    assert store.ready(refs, progress=events.append) == first
+    assert [w for w in wheels if package_index.downloads(w.name) != 1] == []
+    assert [e.kind for e in events] == ["cached", "cached"]
+
+
+def test_cold_ready_reports_progress(
+    store: Store, package_index: PackageIndex, wheel_dir: Path
+) -> None:
+    (wheel,) = _wheels(wheel_dir, "alpha")
+    events: list[ProgressEvent] = []
+    store.ready([_ref(package_index, wheel)], progress=events.append)
+
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "start"
+    assert kinds[-1] == "ready"
+    assert "bytes" in kinds
+    assert sum(e.nbytes for e in events if e.kind == "bytes") == wheel.stat().st_size
+    assert {e.name for e in events} == {wheel.name}
+
+
+def test_slow_download_does_not_hold_up_the_others(
+    package_index: PackageIndex, wheel_dir: Path
+) -> None:
+    store = Store(StoreLayout(default_store_root()), max_parallel_downloads=2)
+    slow, *fast = _wheels(wheel_dir, "slow", "f1", "f2", "f3")
+    package_index.delay(slow.name, 1.5)
+    events: list[ProgressEvent] = []
+
+    store.ready([_ref(package_index, w) for w in (slow, *fast)], progress=events.append)
+
+    assert [e.name for e in events if e.kind == "ready"][-1] == slow.name
+
+
+def test_concurrent_calls_in_one_process_share_one_download(
+    store: Store, package_index: PackageIndex, wheel_dir: Path
+) -> None:
+    wheels = _wheels(wheel_dir, "alpha", "beta")
+    refs = [_ref(package_index, w) for w in wheels]
+    for wheel in wheels:
+        package_index.delay(wheel.name, 0.3)
+
+    async def both() -> list[list[Path]]:
+        return list(await asyncio.gather(store.aready(refs), store.aready(refs[::-1])))
+
+    first, second = asyncio.run(both())
+    assert first == second[::-1]
+    assert [package_index.downloads(w.name) for w in wheels] == [1, 1]
+
+
+def test_ready_inside_a_running_loop_says_to_use_aready(store: Store) -> None:
+    async def call() -> None:
+        store.ready([])
+
+    with pytest.raises(RuntimeError, match="aready"):
+        asyncio.run(call())
+
+
+def test_corrupt_download_stores_nothing(
+    store: Store, package_index: PackageIndex, wheel_dir: Path
+) -> None:
+    (wheel,) = _wheels(wheel_dir, "alpha")
+    package_index.corrupt(wheel.name)
+    ref = _ref(package_index, wheel)
+
+    with pytest.raises(HashMismatch) as caught:
+        store.ready([ref])
+
+    assert caught.value.expected == ref.sha256
+    layout = store.layout
+    assert _files(layout.blobs_dir) == []
+    assert _files(layout.tmp_dir) == []
+    assert not layout.tree_dir(ref.sha256).exists()
+
+
+def test_leftovers_of_a_crashed_process_are_removed(
+    store: Store, package_index: PackageIndex, wheel_dir: Path
+) -> None:
+    (wheel,) = _wheels(wheel_dir, "alpha")
+    ref = _ref(package_index, wheel)
+    tmp = store.layout.tmp_dir
+    (tmp / f"{ref.sha256}.half" / "site" / "pkg").mkdir(parents=True)
+    (tmp / f"{ref.sha256}.half" / "site" / "pkg" / "m.py").write_text("")
+    (tmp / f"{ref.sha256}.half" / "site").chmod(0o555)  # a crash after sealing
+    (tmp / f"{ref.sha256}.junk").write_text("partial download")
+    other = tmp / f"{'e' * 64}.part"
+    other.write_text("someone else's")
+
+    store.ready([ref])
+
+    assert sorted(tmp.iterdir()) == [other]
+
+
+def test_python2_only_module_does_not_fail_the_publish(
+    store: Store, package_index: PackageIndex, wheel_dir: Path
+) -> None:
+    files = {"old/__init__.py": "", "old/legacy.py": "print 'python 2'\n"}
+    wheel = build_wheel(wheel_dir, "old", files=files)
+
+    (site,) = store.ready([_ref(package_index, wheel)])
+
+    names = sorted(p.name for p in (site / "old" / "__pycache__").iterdir())
+    assert names == [f"__init__.{TAG}.pyc"]
+
+
+def _bundle_ref(model_dir: Path, wheel: Path, sha: str | None = None) -> WheelRef:
+    digest = sha or sha256_file(wheel)
+    relpath = f".carton/bundled_wheels/{digest}/{wheel.name}"
+    target = model_dir / relpath
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(wheel, target)
+    dep = LockedDep(sha256=sha256_hex(digest), bundled_whl_path=relpath)
+    return WheelRef.from_locked_dep(dep, model_dir)
+
+
+def test_bundled_plain_wheel_is_unpacked_without_a_blob(
+    store: Store, wheel_dir: Path, tmp_path: Path
+) -> None:
+    (wheel,) = _wheels(wheel_dir, "alpha")
+    ref = _bundle_ref(tmp_path / "model", wheel)
+    assert ref.bundle_path is not None
+    assert ref.bundle_path.is_absolute()
+
+    (site,) = store.ready([ref])
+
+    assert (site / "alpha" / "__init__.py").is_file()
+    assert _files(store.layout.blobs_dir) == []
+
+
+def test_tampered_bundled_wheel_raises_hash_mismatch(
+    store: Store, wheel_dir: Path, tmp_path: Path
+) -> None:
+    (wheel,) = _wheels(wheel_dir, "alpha")
+    original = sha256_file(wheel)
+    tampered = build_wheel(tmp_path / "evil", "alpha", files={"alpha/__init__.py": "EVIL = 1\n"})
+    ref = _bundle_ref(tmp_path / "model", tampered, sha=original)
+
+    with pytest.raises(HashMismatch) as caught:
+        store.ready([ref])
+
+    assert caught.value.url == str(ref.bundle_path)
+    assert caught.value.expected == original
+    assert caught.value.actual == sha256_file(tampered)
+    assert not store.layout.tree_dir(ref.sha256).exists()
+    assert _files(store.layout.tmp_dir) == []
+
+
+def test_missing_bundle_names_the_file_and_says_to_relock(
+    store: Store, wheel_dir: Path, tmp_path: Path
+) -> None:
+    (wheel,) = _wheels(wheel_dir, "alpha")
+    ref = _bundle_ref(tmp_path / "model", wheel)
+    assert ref.bundle_path is not None
+    ref.bundle_path.unlink()
+
+    with pytest.raises(StoreError, match="missing from the model dir") as caught:
+        store.ready([ref])
+    assert str(ref.bundle_path) in str(caught.value)
+    assert "wheelcas lock" in str(caught.value)
+
+
+def test_stats_count_blobs_and_trees(
+    store: Store, package_index: PackageIndex, wheel_dir: Path
+) -> None:
+    wheels = _wheels(wheel_dir, "alpha", "beta")
+    store.ready([_ref(package_index, w) for w in wheels])
+
+    stats = store.stats()
+    assert (stats.blobs, stats.trees) == (2, 2)
+    assert stats.blob_bytes == sum(w.stat().st_size for w in wheels)
+    assert stats.tree_bytes > 0
+
+
+@pytest.mark.slow
+def test_another_interpreter_adds_its_pyc_to_the_same_tree(
+    store: Store,
+    package_index: PackageIndex,
+    wheel_dir: Path,
+    pyenv_python: Callable[[str], str],
+) -> None:
+    python312 = pyenv_python("3.12")
+    refs = [_ref(package_index, w) for w in _wheels(wheel_dir, "alpha")]
+    (site,) = store.ready(refs)
+    inode = site.parent.stat().st_ino
+
+    assert store.ready(refs, python=python312) == [site]
+
+    assert site.parent.stat().st_ino == inode
+    pycache = site / "alpha" / "__pycache__"
+    assert sorted(p.name for p in pycache.iterdir()) == [
+        f"__init__.{TAG}.pyc",
+        "__init__.cpython-312.pyc",
+    ]
+    assert store.warm_site_dirs(refs, "cpython-312") == [site]
+    assert all(stat.S_IMODE(p.stat().st_mode) & 0o222 == 0 for p in [pycache, *pycache.iterdir()])
+    assert package_index.downloads(refs[0].filename) == 1
+
+
+_CHILD = """
+import json, sys
+from pathlib import Path
+from cas_daemon.store import Store, WheelRef
+refs = [WheelRef(r["sha256"], r["filename"], url=r["url"]) for r in json.loads(sys.argv[1])]
+print(json.dumps([str(p) for p in Store.open_default().ready(refs)]))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_ready_the_same_cold_lock_once(
+    store: Store, package_index: PackageIndex, wheel_dir: Path
+) -> None:
+    wheels = _wheels(wheel_dir, "alpha", "beta", "gamma", "delta")
+    for wheel in wheels:
+        package_index.delay(wheel.name, 0.2)  # keep both processes inside the cold path
+    refs = [_ref(package_index, w) for w in wheels]
+    arg = json.dumps([{"sha256": r.sha256, "filename": r.filename, "url": r.url} for r in refs])
+
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CHILD, arg],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [child.communicate(timeout=120) for child in children]
+
+    assert [c.returncode for c in children] == [0, 0], [err for _, err in outputs]
+    expected = [str(store.layout.site_dir(r.sha256)) for r in refs]
+    assert [json.loads(out) for out, _ in outputs] == [expected, expected]
+    assert [package_index.downloads(w.name) for w in wheels] == [1, 1, 1, 1]
+    assert store.stats().trees == 4
+    assert _files(store.layout.tmp_dir) == []
+
+
+def test_an_interpreter_that_cannot_run_fails_the_publish(tmp_path: Path) -> None:
+    from cas_daemon.precompile import compile_tree
+
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho 'cannot start: no encodings module' >&2\nexit 2\n")
+    broken.chmod(0o755)
+    (tmp_path / "site").mkdir()
+
+    with pytest.raises(StoreError, match="no encodings module"):
+        compile_tree(tmp_path / "site", str(broken))
+    with pytest.raises(StoreError, match="cannot run"):
+        compile_tree(tmp_path / "site", str(tmp_path / "absent"))
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+NUMPY = "numpy-2.1.0-cp311-cp311-linux_x86_64.whl"
+
+
+def _feed(callback: Callable[[ProgressEvent], None]) -> None:
+    callback(ProgressEvent("start", "a" * 64, NUMPY))
+    callback(ProgressEvent("bytes", "a" * 64, NUMPY, 12_300_000))
+    callback(ProgressEvent("ready", "a" * 64, NUMPY, 12_300_000))
+    callback(ProgressEvent("start", "b" * 64, "six-1.16.0-py2.py3-none-any.whl"))
+    callback(ProgressEvent("ready", "b" * 64, "six-1.16.0-py2.py3-none-any.whl", 11_053))
+    callback(ProgressEvent("cached", "c" * 64, "idna-3.7-py3-none-any.whl"))
+
+
+def test_progress_is_one_line_per_wheel_off_a_terminal() -> None:
+    stream = io.StringIO()
+    with make_renderer(stream, total_wheels=3) as callback:
+        _feed(callback)
+    assert stream.getvalue().splitlines() == [
+        f"ready  {NUMPY}  (12.3 MB, fetched)",
+        "ready  six-1.16.0-py2.py3-none-any.whl  (11.1 kB, unpacked)",
+        "cached idna-3.7-py3-none-any.whl  (already in the store)",
+    ]
+
+
+def test_progress_is_a_bar_on_a_terminal() -> None:
+    stream = _Terminal()
+    with make_renderer(stream, total_wheels=3) as callback:
+        _feed(callback)
+    assert "3/3" in stream.getvalue()
+    assert "12.3 MB fetched" in stream.getvalue()
