@@ -11,9 +11,11 @@ $(BIN)/python:
 
 # Reinstall only when the project's metadata changes; the install is editable.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
-	touch $(STAMP)
+	@echo "installing wheelcas into $(VENV) (log: $(VENV)/install.log)"
+	@( $(BIN)/python -m pip install --upgrade pip && \
+	   $(BIN)/python -m pip install -e '.[dev,bench]' ) > $(VENV)/install.log 2>&1 \
+	   || { tail -30 $(VENV)/install.log; exit 1; }
+	@touch $(STAMP)
 
 # The main job on the embedded default (no daemon): lock the doubler, fill the store, infer.
 # It works on a copy so that the example in the repo stays as committed.

@@ -1,15 +1,16 @@
 """Which compressed form should bundled wheels take? Measure it on real wheels.
 
-Run ``.venv/bin/python -m benchmarks.bundle_format`` (``--help`` for options). It prints a
-markdown table: for each candidate form, the total size of the sample wheels in that form,
-the single-threaded time to write it, and the median time to unpack every member to a fresh
-directory on disk (decompress + write), next to the wheels as published, extracted by
-``zipfile``. The candidates are written here independently of ``lockgen.bundle``; the last
-rows then time the real thing: ``unpack_wheel`` on the ``.whl`` and on ``write_bundle``'s
-output (both verify every member against RECORD, so they hash too).
+Run ``.venv/bin/python -m benchmarks.bundle_format`` (``--help`` for options); it prints a
+markdown table. For each candidate form: the total size of the sample wheels in that form,
+the single-threaded time to write it, the median time to decompress every member to nowhere
+(CPU only), and the median time to unpack every member into a fresh directory (decompress +
+write; ``--unpack-to /dev/shm`` keeps disk writeback out of it). The first row is the wheels
+as published, read with ``zipfile``. The candidates are written here independently of
+``lockgen.bundle``; the last two rows then time the shipped code, ``unpack_wheel`` on the
+``.whl`` and on ``write_bundle``'s output, both hashing every member against RECORD.
 
-Every candidate is decompressed as a stream, the way the store reads a bundle: random access
-(zip) needs the whole decompressed archive on disk first, which the zip-stored row pays.
+Every candidate is decompressed as a stream, as the store reads a bundle: a zip inside zstd
+must first be decompressed to a file to be read at random, which its row pays for.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
-from typing import BinaryIO
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import zstandard
 
@@ -50,7 +51,7 @@ CHUNK = 1 << 20
 DEV_NULL = Path(os.devnull)
 
 Member = tuple[str, bytes, int]  # name, content, permission bits
-Payload = Callable[[Sequence[Member]], Callable[[io.BufferedWriter], None]]
+Payload = Callable[[Sequence[Member]], Callable[[BinaryIO], None]]
 
 
 @dataclass
@@ -91,7 +92,7 @@ class TreeWriter:
         return open(path, "wb")
 
 
-def compress(level: int, ldm: bool, payload: Callable[[io.BufferedWriter], None], out: Path) -> float:
+def compress(level: int, ldm: bool, payload: Callable[[BinaryIO], None], out: Path) -> float:
     params = zstandard.ZstdCompressionParameters.from_level(
         level, enable_ldm=ldm, window_log=27 if ldm else 0, write_checksum=True
     )
@@ -102,8 +103,8 @@ def compress(level: int, ldm: bool, payload: Callable[[io.BufferedWriter], None]
     return time.perf_counter() - start
 
 
-def concat_payload(members: Sequence[Member]) -> Callable[[io.BufferedWriter], None]:
-    def write(out: io.BufferedWriter) -> None:
+def concat_payload(members: Sequence[Member]) -> Callable[[BinaryIO], None]:
+    def write(out: BinaryIO) -> None:
         manifest = json.dumps([[n, len(d), m] for n, d, m in members]).encode()
         out.write(struct.pack("<I", len(manifest)) + manifest)
         for _, data, _ in members:
@@ -112,8 +113,8 @@ def concat_payload(members: Sequence[Member]) -> Callable[[io.BufferedWriter], N
     return write
 
 
-def tar_payload(members: Sequence[Member]) -> Callable[[io.BufferedWriter], None]:
-    def write(out: io.BufferedWriter) -> None:
+def tar_payload(members: Sequence[Member]) -> Callable[[BinaryIO], None]:
+    def write(out: BinaryIO) -> None:
         with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             for name, data, mode in members:
                 info = tarfile.TarInfo(name)
@@ -123,8 +124,8 @@ def tar_payload(members: Sequence[Member]) -> Callable[[io.BufferedWriter], None
     return write
 
 
-def zip_stored_payload(members: Sequence[Member]) -> Callable[[io.BufferedWriter], None]:
-    def write(out: io.BufferedWriter) -> None:
+def zip_stored_payload(members: Sequence[Member]) -> Callable[[BinaryIO], None]:
+    def write(out: BinaryIO) -> None:
         buf = io.BytesIO()  # zipfile needs to seek; the stream writer cannot
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
             for name, data, _ in members:
@@ -165,13 +166,12 @@ def unpack_concat(path: Path, dest: Path) -> None:
 
 def unpack_tar(path: Path, dest: Path) -> None:
     tree = TreeWriter(dest)
-    with _stream(path) as reader:
-        with tarfile.open(fileobj=reader, mode="r|") as tar:
-            for info in tar:
-                src = tar.extractfile(info)
-                assert src is not None
-                with tree.open(info.name) as out:
-                    shutil.copyfileobj(src, out, CHUNK)
+    with _stream(path) as reader, tarfile.open(fileobj=reader, mode="r|") as tar:
+        for info in tar:
+            src = tar.extractfile(info)
+            assert src is not None
+            with tree.open(info.name) as out:
+                shutil.copyfileobj(src, out, CHUNK)
 
 
 def unpack_zip_stored(path: Path, dest: Path) -> None:
@@ -209,8 +209,14 @@ class Bench:
         row.unpack_s = time_unpack(files, unpack, self.repeat, self.where or self.work)
         return row
 
-    def form(self, label: str, payload: Payload, level: int, ldm: bool,
-             unpack: Callable[[Path, Path], None]) -> Row:
+    def form(
+        self,
+        label: str,
+        payload: Payload,
+        level: int,
+        ldm: bool,
+        unpack: Callable[[Path, Path], None],
+    ) -> Row:
         files, write_s = [], 0.0
         for i, wheel in enumerate(self.wheels):
             out = self.work / f"candidate-{i}"
@@ -223,40 +229,44 @@ class Bench:
         return row
 
 
-def measure(bench: Bench, levels: Sequence[int]) -> list[Row]:
+def measure(bench: Bench, levels: Sequence[int], shipped: bool) -> list[Row]:
     base = bench.unpack_times(bench.wheels, unpack_zip)
     base.form = "wheels as published (zip, deflate), zipfile"
     whl_zst = sum(
         len(zstandard.ZstdCompressor(level=19).compress(w.read_bytes())) for w in bench.wheels
     )
     rows = [base, Row("zstd-19 over the .whl bytes", whl_zst, None, None, None)]
-    rows.append(bench.form("zip stored + zstd-10", zip_stored_payload, 10, False,
-                           unpack_zip_stored))
+    rows.append(
+        bench.form("zip stored + zstd-10", zip_stored_payload, 10, False, unpack_zip_stored)
+    )
     rows.append(bench.form("tar + zstd-10", tar_payload, 10, False, unpack_tar))
     for level in levels:
-        rows.append(bench.form(f"manifest+concat + zstd-{level}", concat_payload, level, False,
-                               unpack_concat))
-    rows.append(bench.form("manifest+concat + zstd-10 --long=27", concat_payload, 10, True,
-                           unpack_concat))
-    if os.environ.get("SKIP_WHEELCAS") != "1":
+        rows.append(
+            bench.form(
+                f"manifest+concat + zstd-{level}", concat_payload, level, False, unpack_concat
+            )
+        )
+    rows.append(
+        bench.form("manifest+concat + zstd-10 --long=27", concat_payload, 10, True, unpack_concat)
+    )
+    if shipped:
         rows.extend(measure_wheelcas(bench))
     return rows
 
 
 def measure_wheelcas(bench: Bench) -> list[Row]:
-    """The shipped code: both rows hash every member and check it against RECORD."""
+    """The shipped code. It always writes (no decompress-only figure) and hashes every member."""
     from cas_daemon.unpack import unpack_wheel
     from lockgen.bundle import BUNDLE_SUFFIX, write_bundle
 
     def unpack(path: Path, dest: Path) -> None:
-        if dest == DEV_NULL:  # unpack_wheel always writes; give it a throwaway dir
-            with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
-                unpack_wheel(path, Path(tmp) / "t")
-        else:
-            unpack_wheel(path, dest)
+        unpack_wheel(path, dest)
 
-    whl = bench.unpack_times(bench.wheels, unpack)
-    whl.form = "wheelcas: unpack_wheel(.whl)"
+    def row(form: str, files: Sequence[Path], write_s: float | None) -> Row:
+        size = sum(f.stat().st_size for f in files)
+        unpack_s = time_unpack(files, unpack, bench.repeat, bench.where or bench.work)
+        return Row(form, size, write_s, None, unpack_s)
+
     bundles, write_s = [], 0.0
     for wheel in bench.wheels:
         dest = bench.work / (wheel.name + BUNDLE_SUFFIX)
@@ -264,9 +274,10 @@ def measure_wheelcas(bench: Bench) -> list[Row]:
         write_bundle(wheel, dest)
         write_s += time.perf_counter() - start
         bundles.append(dest)
-    bundled = bench.unpack_times(bundles, unpack)
-    bundled.form, bundled.write_s = "wheelcas: write_bundle, unpack_wheel(bundle)", write_s
-    return [whl, bundled]
+    return [
+        row("wheelcas: unpack_wheel(.whl)", bench.wheels, None),
+        row("wheelcas: write_bundle, unpack_wheel(bundle)", bundles, write_s),
+    ]
 
 
 def _secs(value: float | None) -> str:
@@ -295,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--levels", default="3,6,10,15,19", help="zstd levels, comma separated")
     parser.add_argument("--repeat", type=int, default=3, help="unpack runs; the median is shown")
     parser.add_argument("--unpack-to", type=Path, help="where trees are written (default: temp)")
+    parser.add_argument("--candidates-only", action="store_true", help="skip the shipped code")
     args = parser.parse_args(argv)
     wheels = [args.wheels_dir / n for n in (args.wheel or DEFAULT_SAMPLE)]
     wheels = [w for w in wheels if w.exists()]
@@ -303,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     unpacked = sum(len(d) for w in wheels for _, d, _ in read_members(w))
     with tempfile.TemporaryDirectory(prefix="bundle-forms-") as work:
         bench = Bench(wheels, Path(work), args.unpack_to, args.repeat)
-        rows = measure(bench, [int(x) for x in args.levels.split(",")])
+        rows = measure(bench, [int(x) for x in args.levels.split(",")], not args.candidates_only)
     print(
         f"{len(wheels)} wheels ({', '.join(w.name.split('-')[0] for w in wheels)}), "
         f"{unpacked / 1e6:.1f} MB unpacked, {os.cpu_count()} CPUs. Seconds, medians of "

@@ -8,6 +8,7 @@ medians is what is judged. Targets other than the lock figures' 20 ms are propos
 
 from __future__ import annotations
 
+import statistics
 import sys
 import traceback
 from collections.abc import Callable
@@ -27,6 +28,7 @@ TARGETS: dict[str, Target] = {
     "warm_ready": Target(max_ratio=1.0),
     # Import: one sys.path entry per wheel costs about 1.13x a venv (baselines.md).
     "import": Target(max_ratio=1.15),
+    "import_appended": Target(max_ratio=1.15),
     # Locking an already-locked model dir: no pip, a hash and a read.
     "lock_unchanged": Target(max_seconds=0.020),
     "lock_unchanged_fresh": Target(max_seconds=0.020),
@@ -86,8 +88,15 @@ WHEELCAS_FIGURES: tuple[Figure, ...] = (
     ),
     Figure(
         name="import",
-        what="(c) R40 imports, one sys.path entry per store tree",
+        what="(c) R40 imports, loader's sys.path plan (tree per wheel, before the stdlib)",
         measure=measures.store_import,
+        yardstick=PIP_IMPORT,
+        needs=("store", "loader"),
+    ),
+    Figure(
+        name="import_appended",
+        what="(c') R40 imports, one sys.path entry per tree, after the stdlib",
+        measure=measures.store_import_appended,
         yardstick=PIP_IMPORT,
         needs=("store",),
     ),
@@ -121,14 +130,20 @@ def _progress(text: str) -> None:
     sys.stderr.flush()
 
 
-def _sample(session: Session, name: str, measure: Measure, i: int, n: int) -> None:
+def _sample(session: Session, name: str, measure: Measure, i: int, n: int) -> float:
     seconds = measure(session)
     session.samples.setdefault(name, []).append(seconds)
     _progress(f"  {name} {i + 1}/{n}: {format_seconds(seconds)}")
+    return seconds
 
 
 def run_figure(session: Session, figure: Figure) -> Row:
-    """Measure ``figure`` (and its yardstick, interleaved) and judge it."""
+    """Measure ``figure`` and judge it.
+
+    A figure with a yardstick takes its own yardstick samples, interleaved with its own
+    (yardstick first in even rounds, last in odd ones), and is judged on those. A yardstick
+    shown alone reuses the samples other figures took of it in this run.
+    """
     settings = session.settings
     n = settings.cheap_runs if figure.cheap else settings.runs
     yardstick = figure.yardstick
@@ -140,46 +155,44 @@ def run_figure(session: Session, figure: Figure) -> Row:
         yardstick=yardstick.what if yardstick else None,
         target=TARGETS.get(figure.name, Target()),
     )
+    mine: list[float] = list(session.samples.get(figure.name, []))
+    theirs: list[float] = []
     try:
-        have = len(session.samples.get(yardstick.name, [])) if yardstick else n
-        for i in range(n):
-            yardstick_first = i % 2 == 0
-            if yardstick is not None and yardstick_first and have <= i:
-                _sample(session, yardstick.name, yardstick.measure, i, n)
+        for i in range(len(mine), n):
+            if yardstick is not None and i % 2 == 0:
+                theirs.append(_sample(session, yardstick.name, yardstick.measure, i, n))
             if not absent:
-                _sample(session, figure.name, figure.measure, i, n)
-            if yardstick is not None and not yardstick_first and have <= i:
-                _sample(session, yardstick.name, yardstick.measure, i, n)
+                mine.append(_sample(session, figure.name, figure.measure, i, n))
+            if yardstick is not None and i % 2 == 1:
+                theirs.append(_sample(session, yardstick.name, yardstick.measure, i, n))
     except Exception as exc:
         traceback.print_exc()
-        return _finish(session, row, outcome="error", extra=f"error: {exc}"[:300])
+        extra = f"error: {exc}"[:300]
+        return _finish(session, row, mine, theirs, outcome="error", extra=extra)
     if absent:
-        return _finish(session, row, outcome="skipped", extra="not built yet: " + ", ".join(absent))
-    return _finish(session, row)
+        extra = "not built yet: " + ", ".join(absent)
+        return _finish(session, row, mine, theirs, outcome="skipped", extra=extra)
+    return _finish(session, row, mine, theirs)
 
 
-def _finish(session: Session, row: Row, *, outcome: Outcome | None = None, extra: str = "") -> Row:
-    ys = tuple(session.samples.get(_yardstick_name(row.name), []))
-    notes = [*_summarize(session.notes.get(row.name, [])), *([extra] if extra else [])]
-    done = replace(
-        row,
-        samples=tuple(session.samples.get(row.name, [])),
-        yardstick_samples=ys,
-        notes=tuple(notes),
-    )
+def _finish(
+    session: Session,
+    row: Row,
+    mine: list[float],
+    theirs: list[float],
+    *,
+    outcome: Outcome | None = None,
+    extra: str = "",
+) -> Row:
+    notes = [*_inner_note(row.name, session.inner.get(row.name, [])), *([extra] if extra else [])]
+    done = replace(row, samples=tuple(mine), yardstick_samples=tuple(theirs), notes=tuple(notes))
     return judged(done) if outcome is None else replace(done, outcome=outcome)
 
 
-def _yardstick_name(figure_name: str) -> str:
-    figure = ALL_FIGURES[figure_name]
-    return figure.yardstick.name if figure.yardstick else ""
-
-
-def _summarize(notes: list[str]) -> list[str]:
-    """Repeated per-sample notes ("in-process 12 ms") shown once, as their list."""
-    if not notes:
+def _inner_note(name: str, values: list[float]) -> list[str]:
+    """The in-process part of the samples (for lock_unchanged: every call of every sample)."""
+    if not values:
         return []
-    prefix = notes[0].split(" ", 1)[0]
-    if all(n.split(" ", 1)[0] == prefix for n in notes):
-        return [prefix + " " + ", ".join(n.split(" ", 1)[1] for n in notes)]
-    return notes
+    label = "every call" if name == "lock_unchanged" else "in-process"
+    spread = f" ({format_seconds(min(values))} - {format_seconds(max(values))})"
+    return [f"{label}: median {format_seconds(statistics.median(values))}{spread}"]

@@ -34,7 +34,7 @@ def uv_cold(session: Session) -> float:
 def uv_warm(session: Session) -> float:
     """``uv pip sync`` (no bytecode) of the pins into a new venv, from a warm uv cache."""
     cache = session.warm_uv_cache()
-    venv = session.new_uv_venv()
+    venv = session.new_uv_venv(cache)
     try:
         env = isolated_env({"UV_CACHE_DIR": str(cache)})
         return timed_run(session.uv_sync_argv(venv, compile_bytecode=False), env=env).seconds
@@ -102,7 +102,7 @@ def cold_ready(session: Session) -> float:
     try:
         wall, answer = _worker(["ready", model, store], {"WHEELCAS_HOME": str(store)})
         _verify_ready(session, store, answer["site_dirs"])
-        session.note("cold_ready", f"in-process {answer['seconds']:.2f} s")
+        session.inner_sample("cold_ready", float(answer["seconds"]))
     except BaseException:
         session.discard(store)
         raise
@@ -131,7 +131,7 @@ def warm_ready(session: Session) -> float:
     wall, answer = _worker(["warm", session.model_dir(), store], {"WHEELCAS_HOME": str(store)})
     if answer["site_dirs"] is None:
         raise RuntimeError("warm_site_dirs returned None for a store made ready this run")
-    session.note("warm_ready", f"in-process {answer['seconds'] * 1000:.1f} ms")
+    session.inner_sample("warm_ready", float(answer["seconds"]))
     return wall
 
 
@@ -143,16 +143,24 @@ def store_site_dirs(session: Session) -> list[Path]:
     return found
 
 
-def store_import(session: Session) -> float:
-    """The R40 imports with one sys.path entry per wheel in the store (after the stdlib)."""
-    site_dirs = store_site_dirs(session)
-    prelude = wc.sys_path_prelude(site_dirs)
+def _store_import(session: Session, name: str, prelude: str) -> float:
     python = session.empty_venv() / "bin" / "python"
     store = warm_store(session)
-    session.once(
-        "store_import_checked", lambda: _checked(session, "import", python, prelude, store)
-    )
+    session.once(f"{name}_checked", lambda: _checked(session, name, python, prelude, store))
     return timed_run(_import_argv(python, prelude, R40_IMPORTS), env=isolated_env()).seconds
+
+
+def store_import(session: Session) -> float:
+    """The R40 imports with the loader's sys.path plan: model dir, then one entry per tree,
+    all before the standard library (as ``loader.syspath.apply`` does)."""
+    entries = wc.loader_sys_path(session.model_dir(), store_site_dirs(session))
+    return _store_import(session, "import", wc.sys_path_prelude(entries, prepend=True))
+
+
+def store_import_appended(session: Session) -> float:
+    """The R40 imports with one sys.path entry per tree appended after the standard library."""
+    site_dirs = store_site_dirs(session)
+    return _store_import(session, "import_appended", wc.sys_path_prelude(site_dirs, prepend=False))
 
 
 LOCK_REPEAT = 20
@@ -170,6 +178,8 @@ def _lock_sample(session: Session) -> dict[str, Any]:
 def lock_unchanged(session: Session) -> float:
     """``lock()`` of an already-locked model dir, in a process that has called it before."""
     answer = _lock_sample(session)
+    for seconds in answer["steady"]:
+        session.inner_sample("lock_unchanged", float(seconds))
     return float(statistics.median(answer["steady"]))
 
 

@@ -44,7 +44,8 @@ class Session:
     log: list[str] = field(default_factory=list)
     #: name -> samples (seconds), filled by the figures; yardsticks are shared through it.
     samples: dict[str, list[float]] = field(default_factory=dict)
-    notes: dict[str, list[str]] = field(default_factory=dict)
+    #: name -> the in-process part of each sample, where the measured process reports one.
+    inner: dict[str, list[float]] = field(default_factory=dict)
     _memo: dict[str, Path] = field(default_factory=dict)
 
     # --- scratch ---------------------------------------------------------------------------
@@ -64,8 +65,8 @@ class Session:
             self._memo[key] = make()
         return self._memo[key]
 
-    def note(self, name: str, text: str) -> None:
-        self.notes.setdefault(name, []).append(text)
+    def inner_sample(self, name: str, seconds: float) -> None:
+        self.inner.setdefault(name, []).append(seconds)
 
     # --- inputs ----------------------------------------------------------------------------
 
@@ -92,9 +93,16 @@ class Session:
 
     # --- venvs -----------------------------------------------------------------------------
 
-    def new_uv_venv(self) -> Path:
+    def new_uv_venv(self, cache: Path | None = None) -> Path:
+        """An empty venv made by ``uv venv`` (untimed).
+
+        With ``cache``, made with that uv cache, as a user's ``uv venv && uv pip sync`` would:
+        uv then already knows the interpreter when it syncs. Without, uv's default cache is
+        used, so a cold sync pays for everything itself.
+        """
         venv = self.scratch("uv-venv")
-        run([uv_binary(), "venv", "-q", "--python", base_python(), venv], env=isolated_env())
+        env = isolated_env(None if cache is None else {"UV_CACHE_DIR": str(cache)})
+        run([uv_binary(), "venv", "-q", "--python", base_python(), venv], env=env)
         return venv
 
     def uv_sync_argv(self, venv: Path, *, compile_bytecode: bool) -> list[str | Path]:
@@ -109,7 +117,7 @@ class Session:
 
         def make() -> Path:
             cache = self.scratch("uv-cache-warm")
-            venv = self.new_uv_venv()
+            venv = self.new_uv_venv(cache)
             run(
                 self.uv_sync_argv(venv, compile_bytecode=False),
                 env=isolated_env({"UV_CACHE_DIR": str(cache)}),

@@ -41,6 +41,7 @@ _NEEDS: Mapping[str, tuple[str, ...]] = {
         "cas_daemon.precompile",
     ),
     "lock": ("lockgen.lock",),
+    "loader": ("loader.syspath",),
 }
 
 
@@ -140,14 +141,27 @@ def lock_action(model_dir: Path) -> str:
     return lock(model_dir).action
 
 
-# --- sys.path for the import figure ----------------------------------------------------------
+# --- sys.path for the import figures ---------------------------------------------------------
 
 
-def sys_path_prelude(site_dirs: Sequence[Path]) -> str:
-    """Python source that puts the store's site dirs on ``sys.path``, one entry per wheel.
+def loader_sys_path(code_dir: Path, site_dirs: Sequence[Path]) -> list[str]:
+    """The entries the loader puts first on ``sys.path`` (its own pure planning function)."""
+    from loader.syspath import plan_sys_path, scan_package_dir
 
-    They are appended, so the standard library is searched first, exactly as a venv's
-    site-packages comes after it. (Kept here so that it can become the loader's own
-    ``sys.path`` plan once ``loader.syspath`` exists.)
+    plan = plan_sys_path(str(code_dir), [scan_package_dir(p) for p in site_dirs])
+    if plan.pth_imports:
+        raise RuntimeError(f"the import figure does not run .pth imports: {plan.pth_imports}")
+    return list(plan.entries)
+
+
+def sys_path_prelude(entries: Sequence[str | Path], *, prepend: bool) -> str:
+    """Python source that puts ``entries`` on ``sys.path`` before the measured imports.
+
+    ``prepend=True`` is what ``loader.syspath.apply`` does (entries before the standard
+    library); ``prepend=False`` appends them, after the standard library, where a venv's
+    site-packages sits.
     """
-    return f"import sys; sys.path.extend({[str(p) for p in site_dirs]!r}); "
+    listed = [str(p) for p in entries]
+    if prepend:
+        return f"import sys; sys.path[0:0] = {listed!r}; "
+    return f"import sys; sys.path.extend({listed!r}); "

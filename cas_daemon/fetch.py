@@ -125,7 +125,7 @@ class _StagedFile:
         self._mutex = threading.Lock()
         self.size = 0
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray) -> None:
         with self._mutex:
             if self._file is None:
                 return  # discarded while this write waited for a thread
@@ -202,10 +202,16 @@ async def _download(
             if response.status >= 400:
                 raise FetchError(shown, f"HTTP {response.status} {response.reason or ''}".strip())
             expected_length = response.content_length
-            async for chunk in response.content.iter_chunked(CHUNK_BYTES):
-                await asyncio.to_thread(staged.write, chunk)
-                if on_bytes is not None:
-                    on_bytes(len(chunk))
+            # Network chunks are often a few kB: batch them so that each thread hop (and
+            # each progress event) carries about a megabyte.
+            pending = bytearray()
+            async for chunk in response.content.iter_any():
+                pending += chunk
+                if len(pending) >= CHUNK_BYTES:
+                    data, pending = pending, bytearray()
+                    await _write(staged, data, on_bytes)
+            if pending:
+                await _write(staged, pending, on_bytes)
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         reason = _scrub(f"{type(exc).__name__}: {exc}", url)
         # `from None`: the original exception's text may still carry the credentials.
@@ -229,8 +235,14 @@ async def _copy_local(
             chunk = await asyncio.to_thread(source.read, CHUNK_BYTES)
             if not chunk:
                 return
-            await asyncio.to_thread(staged.write, chunk)
-            if on_bytes is not None:
-                on_bytes(len(chunk))
+            await _write(staged, chunk, on_bytes)
     finally:
         source.close()
+
+
+async def _write(
+    staged: _StagedFile, data: bytes | bytearray, on_bytes: Callable[[int], None] | None
+) -> None:
+    await asyncio.to_thread(staged.write, data)
+    if on_bytes is not None:
+        on_bytes(len(data))

@@ -81,3 +81,12 @@ class StoreLayout:
 
     def all_dirs(self) -> tuple[Path, ...]:
         return (self.blobs_dir, self.trees_dir, self.locks_dir, self.tmp_dir)
+
+    @property
+    def metadata_db(self) -> Path:
+        """The SQLite index of the store (usage times, views, leases, roots): see metadata.py."""
+        return self.base / "metadata.sqlite3"
+
+    def view_lock_path(self, key: str) -> Path:
+        """The flock of one view: held by whoever builds or removes ``views/<key>``."""
+        return self.locks_dir / "views" / f"{key}.lock"

@@ -118,9 +118,12 @@ class Store:
         )
 
     @classmethod
-    def open_default(cls, *, max_parallel_downloads: int = 8) -> Store:
+    def open_default(
+        cls, *, max_parallel_downloads: int = 8, limits: UnpackLimits | None = None
+    ) -> Store:
         """The store at ``$WHEELCAS_HOME`` (or the user cache dir)."""
-        return cls(StoreLayout(default_store_root()), max_parallel_downloads=max_parallel_downloads)
+        layout = StoreLayout(default_store_root())
+        return cls(layout, max_parallel_downloads=max_parallel_downloads, limits=limits)
 
     # --- the warm path -----------------------------------------------------------------
 
@@ -296,23 +299,21 @@ class Store:
             remove_sealed(path)
 
     def _publish(self, ref: WheelRef, source: Path, python: str, cache_tag: str) -> int:
-        from lockgen.bundle import is_bundle
-
         from cas_daemon.precompile import compile_tree, remove_sealed, seal_read_only, write_marker
         from cas_daemon.unpack import UnpackLimits, unpack_wheel
+        from lockgen.classify import strip_credentials
 
         layout = self.layout
         staging = layout.tmp_dir / f"{layout.staging_prefix(ref.sha256)}{secrets.token_hex(8)}"
         staging.mkdir()
         try:
-            if ref.bundle_path is not None and not is_bundle(source):
-                # A plain bundled .whl has no other check: the lockfile's sha256 is it.
-                actual = _sha256_file(source)
-                if actual != ref.sha256:
-                    raise HashMismatch(str(source), ref.sha256, actual)
-            site = staging / "site"
+            # A blob was hashed on its way in, a bundle is checked here: RECORD need only be
+            # checked for a compressed bundle, which the lock's sha256 cannot vouch for.
+            bundled = ref.bundle_path is not None and _check_bundled(source, ref.sha256)
             limits = self._limits if self._limits is not None else UnpackLimits()
-            unpack_wheel(source, site, limits=limits, display_name=ref.filename)
+            shown = str(ref.bundle_path) if ref.url is None else strip_credentials(ref.url)
+            site = staging / "site"
+            unpack_wheel(source, site, limits=limits, verify_record=bundled, display_name=shown)
             compile_tree(site, python, display_dir=layout.site_dir(ref.sha256))
             write_marker(staging / layout.pyc_marker(ref.sha256, cache_tag).name, python)
             seal_read_only(site)
@@ -325,12 +326,26 @@ class Store:
         return source.stat().st_size
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _check_bundled(source: Path, expected: str) -> bool:
+    """Check a file from the model dir against the lock; True if it is a compressed bundle.
+
+    A plain ``.whl`` is hashed. A compressed bundle's header names the sha256 of the wheel
+    it was made from: no proof (RECORD is, when unpacking), but it catches a stale bundle.
+    """
+    from lockgen.bundle import is_bundle, read_bundle_header
+
+    compressed = is_bundle(source)
+    if compressed:
+        actual = read_bundle_header(source).wheel_sha256
+    else:
+        digest = hashlib.sha256()
+        with source.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+        actual = digest.hexdigest()
+    if actual != expected:
+        raise HashMismatch(str(source), expected, actual)
+    return compressed
 
 
 def _count_files(top: Path) -> tuple[int, int]:

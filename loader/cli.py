@@ -130,6 +130,15 @@ def _parse_input(assignment: str) -> tuple[str, Any]:
         raise ModelConfigError(f"--input {name}: {raw!r} is not JSON ({exc}).") from None
 
 
+def _jsonable(value: Any) -> Any:
+    """numpy arrays and scalars as plain JSON values (``tolist`` covers both)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    raise TypeError(f"output of type {type(value).__name__} cannot be printed as JSON")
+
+
 def _cmd_infer(ns: argparse.Namespace) -> int:
     from loader.api import load_unpacked
     from loader.options import parse_cli_option
@@ -147,7 +156,7 @@ def _cmd_infer(ns: argparse.Namespace) -> int:
     inputs = dict(_parse_input(a) for a in ns.input)
     outputs = model.infer(inputs)
     if ns.json:
-        print(json.dumps({k: getattr(v, "tolist", lambda v=v: v)() for k, v in outputs.items()}))
+        print(json.dumps(outputs, default=_jsonable))
     else:
         for name, value in outputs.items():
             print(f"{name} = {value}")

@@ -7,17 +7,19 @@ dicts (streaming). ``infer`` returns the last dict a generator yields, as Carton
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import inspect
 import traceback
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loader.errors import EntrypointError, ModelConfigError, ModelError
 from loader.options import OptionValue, RunnerOptions
+
+if TYPE_CHECKING:
+    import asyncio
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,6 +105,8 @@ class Model:
 
     def _run(self, awaitable: Any) -> Any:
         if self._loop is None:
+            import asyncio  # ~30 ms, and ssl with it: only for models that are async
+
             self._loop = asyncio.new_event_loop()
         return self._loop.run_until_complete(awaitable)
 

@@ -23,7 +23,6 @@ import re
 import shutil
 import tempfile
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +55,7 @@ from lockgen.lockfile import (
 )
 from lockgen.pip_report import (
     ResolvedItem,
+    file_url_path,
     configured_index_urls,
     resolve_requirements,
     run_pip,
@@ -255,7 +255,7 @@ def _obtain_wheels(
         if item in remote:
             local = incoming / item.filename
         else:
-            local = Path(urllib.request.url2pathname(urllib.parse.urlsplit(item.url).path))
+            local = file_url_path(item.url)
         if not local.is_file():
             raise BundleError(f"{item.url}: pip reported this wheel but it is not readable.")
         actual = _file_sha256(local)

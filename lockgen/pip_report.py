@@ -14,7 +14,6 @@ import json
 import subprocess
 import tempfile
 import urllib.parse
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +55,11 @@ class Report:
     items: tuple[ResolvedItem, ...]
 
 
+def file_url_path(url: str) -> Path:
+    """The local path of a ``file://`` URL (POSIX; urllib.request is too heavy to import)."""
+    return Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
+
+
 def _get(data: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
     value = data.get(key)
     if not isinstance(value, kind):
@@ -83,7 +87,7 @@ def _parse_item(raw: Mapping[str, Any], where: str) -> ResolvedItem:
         requirement = f"{vcs.get('vcs', 'git')}+{url}@{vcs.get('commit_id', '')}"
     elif "dir_info" in info:
         kind = "dir"
-        requirement = urllib.request.url2pathname(urllib.parse.urlsplit(url).path)
+        requirement = str(file_url_path(url))
     else:
         kind = "archive"
         requirement = url

@@ -53,9 +53,8 @@ def get_model(scale: int, flag: bool = False):
 """
 
 
-@pytest.fixture
-def model(tmp_path: Path, wheel_dir: Path, package_index: PackageIndex) -> Path:
-    """A locked model: alpha from the index, plus a wheel whose .pth adds a dir and runs code."""
+def build_dependencies(wheel_dir: Path) -> None:
+    """alpha, and pthdep: a wheel whose .pth adds a dir and runs an import line."""
     build_wheel(wheel_dir, "alpha", "1.0")
     build_wheel(
         wheel_dir,
@@ -67,6 +66,12 @@ def model(tmp_path: Path, wheel_dir: Path, package_index: PackageIndex) -> Path:
             "pthdep.pth": "pthdep_extra\nimport os; os.environ['WHEELCAS_TEST_PTH_RAN'] = '1'\n",
         },
     )
+
+
+@pytest.fixture
+def model(tmp_path: Path, wheel_dir: Path, package_index: PackageIndex) -> Path:
+    """A model locked against the loopback index."""
+    build_dependencies(wheel_dir)
     model_dir = tmp_path / "model"
     (model_dir / "pkg").mkdir(parents=True)
     (model_dir / "pkg" / "__init__.py").write_text("")
@@ -106,7 +111,8 @@ def load_and_infer(model: Path, opts: dict[str, Any], env: dict[str, str] | None
         m = load_unpacked({str(model)!r}, required_framework_version=">=3.8",
                           runner_opts={opts!r})
         out = m.infer({{"x": [1, 2, 3]}})
-        heavy = sorted(n for n in ("aiohttp", "zstandard", "numpy") if n in sys.modules)
+        heavy = sorted(n for n in ("aiohttp", "zstandard", "numpy", "asyncio", "ssl",
+                                  "urllib.request") if n in sys.modules)
         print(json.dumps({{"out": out, "path": sys.path[:3], "heavy": heavy,
                           "entries": list(m.info.sys_path_entries)}}))
         """,
@@ -170,8 +176,7 @@ def test_no_entry_for_this_environment_warns_relocks_and_loads(
     package_index: PackageIndex,
     pyenv_python: Callable[[str], str],
 ) -> None:
-    build_wheel(wheel_dir, "alpha", "1.0")
-    build_wheel(wheel_dir, "pthdep", "1.0", files={"pthdep_extra/hidden_mod.py": ""})
+    build_dependencies(wheel_dir)
     model = tmp_path / "m"
     (model / "pkg").mkdir(parents=True)
     (model / "pkg" / "entry.py").write_text(ENTRY)

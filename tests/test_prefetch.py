@@ -1,14 +1,18 @@
-"""prefetch: model dirs and lockfile paths, the matching entry, dedupe, clear errors."""
+"""prefetch: model dirs and lockfile paths, the matching entry, dedupe, clear errors; and
+what prefetch shows and relies on: the progress renderers, compiling with an interpreter."""
 
 from __future__ import annotations
 
+import io
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
+from cas_daemon.errors import StoreError
 from cas_daemon.layout import StoreLayout, default_store_root
+from cas_daemon.precompile import compile_tree
 from cas_daemon.prefetch import (
     MissingLockfileError,
     NoMatchingEntryError,
@@ -16,6 +20,7 @@ from cas_daemon.prefetch import (
     prefetch,
     target_environment,
 )
+from cas_daemon.progress import ProgressEvent, make_renderer
 from cas_daemon.store import Store
 from lockgen.lockfile import (
     LockedDep,
@@ -147,3 +152,51 @@ def test_prefetch_for_another_interpreter_uses_its_entry(
 
     assert store.warm_site_dirs(collect_refs([tmp_path / "model"], python312), "cpython-312")
     assert list((report.site_dirs[0] / "remote" / "__pycache__").glob("*.cpython-312.pyc"))
+
+
+def test_an_interpreter_that_cannot_run_fails_the_publish(tmp_path: Path) -> None:
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho 'cannot start: no encodings module' >&2\nexit 2\n")
+    broken.chmod(0o755)
+    (tmp_path / "site").mkdir()
+
+    with pytest.raises(StoreError, match="no encodings module"):
+        compile_tree(tmp_path / "site", str(broken))
+    with pytest.raises(StoreError, match="cannot run"):
+        compile_tree(tmp_path / "site", str(tmp_path / "absent"))
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+NUMPY = "numpy-2.1.0-cp311-cp311-linux_x86_64.whl"
+
+
+def _feed(callback: Callable[[ProgressEvent], None]) -> None:
+    callback(ProgressEvent("start", "a" * 64, NUMPY))
+    callback(ProgressEvent("bytes", "a" * 64, NUMPY, 12_300_000))
+    callback(ProgressEvent("ready", "a" * 64, NUMPY, 12_300_000))
+    callback(ProgressEvent("start", "b" * 64, "six-1.16.0-py2.py3-none-any.whl"))
+    callback(ProgressEvent("ready", "b" * 64, "six-1.16.0-py2.py3-none-any.whl", 11_053))
+    callback(ProgressEvent("cached", "c" * 64, "idna-3.7-py3-none-any.whl"))
+
+
+def test_progress_is_one_line_per_wheel_off_a_terminal() -> None:
+    stream = io.StringIO()
+    with make_renderer(stream, total_wheels=3) as callback:
+        _feed(callback)
+    assert stream.getvalue().splitlines() == [
+        f"ready  {NUMPY}  (12.3 MB, fetched)",
+        "ready  six-1.16.0-py2.py3-none-any.whl  (11.1 kB, unpacked)",
+        "cached idna-3.7-py3-none-any.whl  (already in the store)",
+    ]
+
+
+def test_progress_is_a_bar_on_a_terminal() -> None:
+    stream = _Terminal()
+    with make_renderer(stream, total_wheels=3) as callback:
+        _feed(callback)
+    assert "3/3" in stream.getvalue()
+    assert "12.3 MB fetched" in stream.getvalue()

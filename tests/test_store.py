@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import marshal
 import os
@@ -18,8 +17,9 @@ import pytest
 
 from cas_daemon.errors import HashMismatch, StoreError
 from cas_daemon.layout import StoreLayout, default_store_root
-from cas_daemon.progress import ProgressEvent, make_renderer
+from cas_daemon.progress import ProgressEvent
 from cas_daemon.store import Store, WheelRef
+from lockgen.bundle import bundle_filename, write_bundle
 from lockgen.lockfile import LockedDep, sha256_hex
 from tests.support.index import PackageIndex
 from tests.support.wheels import build_wheel, sha256_file
@@ -320,51 +320,53 @@ def test_two_processes_ready_the_same_cold_lock_once(
     assert _files(store.layout.tmp_dir) == []
 
 
-def test_an_interpreter_that_cannot_run_fails_the_publish(tmp_path: Path) -> None:
-    from cas_daemon.precompile import compile_tree
-
-    broken = tmp_path / "python"
-    broken.write_text("#!/bin/sh\necho 'cannot start: no encodings module' >&2\nexit 2\n")
-    broken.chmod(0o755)
-    (tmp_path / "site").mkdir()
-
-    with pytest.raises(StoreError, match="no encodings module"):
-        compile_tree(tmp_path / "site", str(broken))
-    with pytest.raises(StoreError, match="cannot run"):
-        compile_tree(tmp_path / "site", str(tmp_path / "absent"))
+def _compressed_bundle_ref(model_dir: Path, wheel: Path, sha: str) -> WheelRef:
+    relpath = f".carton/bundled_wheels/{sha}/{bundle_filename(wheel.name)}"
+    (model_dir / relpath).parent.mkdir(parents=True, exist_ok=True)
+    write_bundle(wheel, model_dir / relpath)
+    dep = LockedDep(sha256=sha256_hex(sha), bundled_whl_path=relpath)
+    return WheelRef.from_locked_dep(dep, model_dir)
 
 
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
+def test_compressed_bundle_is_unpacked_and_checked(
+    store: Store, wheel_dir: Path, tmp_path: Path
+) -> None:
+    (wheel,) = _wheels(wheel_dir, "alpha")
+    ref = _compressed_bundle_ref(tmp_path / "model", wheel, sha256_file(wheel))
+
+    (site,) = store.ready([ref])
+
+    assert (site / "alpha" / "__init__.py").read_text() == "NAME = 'alpha'\n"
+    assert list((site / "alpha" / "__pycache__").glob(f"*.{TAG}.pyc"))
+    assert _files(store.layout.blobs_dir) == []
 
 
-NUMPY = "numpy-2.1.0-cp311-cp311-linux_x86_64.whl"
+def test_compressed_bundle_of_another_wheel_is_refused(
+    store: Store, wheel_dir: Path, tmp_path: Path
+) -> None:
+    (wheel,) = _wheels(wheel_dir, "alpha")
+    stale = build_wheel(tmp_path / "old", "alpha", files={"alpha/__init__.py": "OLD = 1\n"})
+    ref = _compressed_bundle_ref(tmp_path / "model", stale, sha256_file(wheel))
+
+    with pytest.raises(HashMismatch) as caught:
+        store.ready([ref])
+
+    assert caught.value.url == str(ref.bundle_path)
+    assert caught.value.actual == sha256_file(stale)
+    assert not store.layout.tree_dir(ref.sha256).exists()
 
 
-def _feed(callback: Callable[[ProgressEvent], None]) -> None:
-    callback(ProgressEvent("start", "a" * 64, NUMPY))
-    callback(ProgressEvent("bytes", "a" * 64, NUMPY, 12_300_000))
-    callback(ProgressEvent("ready", "a" * 64, NUMPY, 12_300_000))
-    callback(ProgressEvent("start", "b" * 64, "six-1.16.0-py2.py3-none-any.whl"))
-    callback(ProgressEvent("ready", "b" * 64, "six-1.16.0-py2.py3-none-any.whl", 11_053))
-    callback(ProgressEvent("cached", "c" * 64, "idna-3.7-py3-none-any.whl"))
+def test_a_cancelled_ready_leaves_nothing_and_releases_the_lock(
+    store: Store, package_index: PackageIndex, wheel_dir: Path
+) -> None:
+    (wheel,) = _wheels(wheel_dir, "alpha")
+    ref = _ref(package_index, wheel)
+    package_index.delay(wheel.name, 30)
 
+    with pytest.raises(TimeoutError):
+        asyncio.run(asyncio.wait_for(store.aready([ref]), 0.5))
 
-def test_progress_is_one_line_per_wheel_off_a_terminal() -> None:
-    stream = io.StringIO()
-    with make_renderer(stream, total_wheels=3) as callback:
-        _feed(callback)
-    assert stream.getvalue().splitlines() == [
-        f"ready  {NUMPY}  (12.3 MB, fetched)",
-        "ready  six-1.16.0-py2.py3-none-any.whl  (11.1 kB, unpacked)",
-        "cached idna-3.7-py3-none-any.whl  (already in the store)",
-    ]
-
-
-def test_progress_is_a_bar_on_a_terminal() -> None:
-    stream = _Terminal()
-    with make_renderer(stream, total_wheels=3) as callback:
-        _feed(callback)
-    assert "3/3" in stream.getvalue()
-    assert "12.3 MB fetched" in stream.getvalue()
+    assert _files(store.layout.tmp_dir) == []
+    assert _files(store.layout.blobs_dir) == []
+    package_index.clear_faults()
+    assert store.ready([ref]) == [store.layout.site_dir(ref.sha256)]
