@@ -90,3 +90,29 @@ class StoreLayout:
     def view_lock_path(self, key: str) -> Path:
         """The flock of one view: held by whoever builds or removes ``views/<key>``."""
         return self.locks_dir / "views" / f"{key}.lock"
+
+    @property
+    def views_dir(self) -> Path:
+        """Merged views of several trees, one per lock entry and interpreter: see views.py."""
+        return self.base / "views"
+
+    def view_dir(self, key: str) -> Path:
+        """One view, renamed into place whole: ``site/`` and ``manifest.json``."""
+        return self.views_dir / key
+
+    def view_site_dir(self, key: str) -> Path:
+        """The directory of a view that goes on ``sys.path``."""
+        return self.view_dir(key) / "site"
+
+    def view_staging_prefix(self, key: str) -> str:
+        """Prefix of every temp name staged for view ``key`` (touched under its view lock)."""
+        return f"view-{key}."
+
+    @property
+    def dedupe_dir(self) -> Path:
+        """The content index of tree files: hard links named by sha256, see dedupe.py."""
+        return self.base / "dedupe"
+
+    def dedupe_path(self, name: str) -> Path:
+        """The index entry ``name`` (a content sha256, ``.x`` appended for executables)."""
+        return self.dedupe_dir / name[:2] / name

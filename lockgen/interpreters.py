@@ -7,10 +7,7 @@ or a bare version (``3.12``), which is also looked up among pyenv's versions.
 from __future__ import annotations
 
 import functools
-import json
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -61,6 +58,8 @@ def resolve_interpreter(spec: str | None) -> str:
     """The absolute path of the interpreter ``spec`` names; None means the running one."""
     if spec is None:
         return sys.executable
+    import shutil  # not on the fast path: the running interpreter needs no lookup
+
     if os.sep in spec:
         path = Path(spec).expanduser()
         if path.is_file() and os.access(path, os.X_OK):
@@ -94,6 +93,9 @@ def interpreter_facts(python: str) -> dict[str, str]:
             "executable": sys.executable,
             "cache_tag": sys.implementation.cache_tag or "",
         }
+    import json
+    import subprocess
+
     try:
         done = subprocess.run(
             [python, "-I", "-S", "-c", _PROBE], capture_output=True, text=True, check=False

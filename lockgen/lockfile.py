@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import platform
 import re
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, NewType
 
 from lockgen.errors import LockfileError
 
@@ -57,7 +54,16 @@ HEADER = (
     "# If you add it to version control, add the whole `.carton` folder with it.\n\n"
 )
 
-Sha256 = NewType("Sha256", str)
+# `typing` costs ~3 ms to import and NewType is erased at runtime anyway: keep it for mypy.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NewType
+
+    Sha256 = NewType("Sha256", str)
+else:
+    Sha256 = str
+
+_IMPLEMENTATION_NAMES = {"cpython": "CPython", "pypy": "PyPy"}
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
@@ -115,24 +121,34 @@ class LockFile:
 def current_environment() -> dict[str, str]:
     """The marker values of the running interpreter, computed with the standard library only.
 
-    Equal to ``packaging.markers.default_environment()`` for the keys we use, without
-    importing packaging on the hot path.
+    Equal to ``packaging.markers.default_environment()`` (a test checks it). It reads
+    ``os.uname()`` and ``sys`` rather than calling ``platform``, whose import costs more than
+    the rest of a warm lock check; ``platform`` answers only where those do not.
     """
     impl = sys.implementation
     info = impl.version
     impl_version = f"{info.major}.{info.minor}.{info.micro}"
     if info.releaselevel != "final":
         impl_version += info.releaselevel[0] + str(info.serial)
+    implementation = _IMPLEMENTATION_NAMES.get(impl.name)
+    if implementation is None or not hasattr(os, "uname"):
+        import platform
+
+        system, release, machine = platform.system(), platform.release(), platform.machine()
+        implementation = platform.python_implementation()
+    else:
+        uname = os.uname()
+        system, release, machine = uname.sysname, uname.release, uname.machine
     return {
         "implementation_name": impl.name,
         "implementation_version": impl_version,
         "os_name": os.name,
-        "platform_machine": platform.machine(),
-        "platform_release": platform.release(),
-        "platform_system": platform.system(),
-        "platform_python_implementation": platform.python_implementation(),
-        "python_full_version": platform.python_version(),
-        "python_version": ".".join(platform.python_version_tuple()[:2]),
+        "platform_machine": machine,
+        "platform_release": release,
+        "platform_system": system,
+        "platform_python_implementation": implementation,
+        "python_full_version": sys.version.split()[0],
+        "python_version": f"{sys.version_info[0]}.{sys.version_info[1]}",
         "sys_platform": sys.platform,
     }
 
@@ -247,6 +263,8 @@ def dump_lockfile(lockfile: LockFile) -> str:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
+    import tempfile
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -327,6 +327,7 @@ def test_bundle_whose_record_is_not_first_is_refused(tmp_path: Path) -> None:
 def test_truncated_bundle_is_refused(tmp_path: Path) -> None:
     path, _ = bundled(tmp_path)
     path.write_bytes(path.read_bytes()[:-30])
-    with pytest.raises(UnsafeWheelError):
+    with pytest.raises(UnsafeWheelError) as info:
         unpack_wheel(path, tmp_path / "site", display_name="model/.carton/bundled_wheels/x")
+    assert info.value.source == "model/.carton/bundled_wheels/x"
     assert not (tmp_path / "site").exists()

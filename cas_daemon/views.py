@@ -1,0 +1,524 @@
+"""Views: one directory that presents the union of a lock entry's trees, for one sys.path entry.
+
+A view merges trees the way Nix's ``buildEnv`` merges packages: an entry that one tree alone
+provides is linked whole; a directory that several trees provide (namespace packages such as
+``nvidia/`` or ``google/``, the root ``__pycache__/`` of top-level modules) is made a real
+directory of the view and merged entry by entry. Identical files at one path are fine; two
+different ones are a :class:`ViewConflict`, since an installer would let one silently overwrite
+the other.
+
+The work is split as everywhere in the store: :func:`plan_view` is pure and works on
+:class:`TreeListing` values; :func:`scan_trees` reads the disk lazily to make them (a directory
+is only listed when another tree provides it too, so ``numpy/`` is never walked in ``symlink``
+mode); :func:`build_view` stages the view in ``tmp/`` and renames it to ``views/<key>/``.
+
+Links are hard links by default: measured in docs/views.md, they import as fast as a venv,
+and a real directory tree keeps ``$ORIGIN/../..`` rpaths that cross wheels working (the kernel
+resolves ``..`` from where a symlink points, not from the view). ``symlink`` mode stays as an
+option: faster to build, and needed where hard links are not allowed (trees owned by another
+user with ``fs.protected_hardlinks``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from cas_daemon.errors import StoreError
+from cas_daemon.layout import StoreLayout
+from cas_daemon.precompile import remove_sealed
+
+#: Bumped whenever the same trees would give a different view: it is part of every key.
+VIEW_FORMAT = 1
+LinkMode = Literal["symlink", "hardlink"]
+#: Chosen by measurement, see docs/views.md.
+DEFAULT_LINK_MODE: LinkMode = "hardlink"
+EntryKind = Literal["dir", "file", "symlink"]
+
+_DIR_MODE = 0o555
+_CHUNK = 1 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_MAX_CLASHES_SHOWN = 10
+_MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One entry of a tree. ``children`` is None for a directory nobody needed to list yet."""
+
+    kind: EntryKind
+    size: int = 0
+    #: ``(st_dev, st_ino)`` of a file: two paths with one inode are identical, unread.
+    inode: tuple[int, int] | None = None
+    target: str | None = None  # of a symlink
+    children: Mapping[str, Entry] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TreeListing:
+    """What one tree's ``site/`` holds, as far as it was scanned."""
+
+    wheel: str  # the wheel's file name, for messages
+    root: Path  # the tree's site dir
+    entries: Mapping[str, Entry]
+
+
+@dataclass(frozen=True, slots=True)
+class ViewLink:
+    """One link of a view: ``path`` (view-relative, ``/``-separated) to ``source``."""
+
+    path: str
+    source: Path
+    kind: EntryKind  # what ``source`` is: a ``dir`` is linked whole
+
+
+@dataclass(frozen=True, slots=True)
+class SameContent:
+    """Two same-size files at one path: the view is only valid if their bytes are equal."""
+
+    path: str
+    first: Path
+    first_wheel: str
+    other: Path
+    other_wheel: str
+
+
+@dataclass(frozen=True, slots=True)
+class ViewPlan:
+    trees: tuple[tuple[str, Path], ...]  # (wheel, site dir), in the lock's order
+    dirs: tuple[str, ...]  # to create, parents first
+    links: tuple[ViewLink, ...]
+    checks: tuple[SameContent, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class Clash:
+    path: str
+    first_wheel: str
+    other_wheel: str
+    detail: str
+
+
+class ViewConflict(StoreError):
+    """Two wheels of one lock entry put different things at one path."""
+
+    def __init__(self, clashes: Sequence[Clash]) -> None:
+        if not clashes:
+            raise ValueError("a ViewConflict needs at least one clash")
+        self.clashes = tuple(clashes)
+        first = self.clashes[0]
+        self.path = first.path
+        self.first_wheel = first.first_wheel
+        self.other_wheel = first.other_wheel
+        lines = [f"  {c.path}: {c.first_wheel} vs {c.other_wheel} ({c.detail})" for c in clashes]
+        if len(lines) > _MAX_CLASHES_SHOWN:
+            hidden = len(lines) - _MAX_CLASHES_SHOWN
+            lines = [*lines[:_MAX_CLASHES_SHOWN], f"  ... and {hidden} more"]
+        listing = "\n".join(lines)
+        super().__init__(
+            f"{first.first_wheel} and {first.other_wheel} both provide {first.path} with "
+            f"different content, so they cannot share one directory: installed into one "
+            f"environment, one would silently overwrite the other. Clashes:\n{listing}\n"
+            "Keep only one of the two in the requirements (such pairs are usually alternatives, "
+            "like opencv-python and opencv-python-headless) or pin versions that agree, then "
+            "re-lock the model (`wheelcas lock DIR`)."
+        )
+
+
+# --- keys ---------------------------------------------------------------------------------
+
+
+def view_key(shas: Sequence[str], cache_tag: str) -> str:
+    """The name of the view of the trees ``shas`` for interpreter ``cache_tag``.
+
+    The wheels are sorted: a view's content does not depend on their order, since any two
+    entries that differ at one path are a conflict. ``cache_tag`` is part of the key because
+    the ``.pyc`` files are part of the layout: a merged ``__pycache__`` dir (and every dir in
+    ``hardlink`` mode) holds links to the files that existed when the view was built, so a view
+    made for ``cpython-311`` lacks the ``cpython-312`` bytecode compiled into its trees later.
+    The link mode is not: both modes present the same files.
+    """
+    unique = sorted(set(shas))
+    for sha in unique:
+        if not _SHA256.fullmatch(sha):
+            raise ValueError(f"not a sha256 (64 lowercase hex digits): {sha!r}")
+    if not cache_tag or "\n" in cache_tag:
+        raise ValueError(f"not a cache tag: {cache_tag!r}")
+    text = "\n".join([f"wheelcas-view-{VIEW_FORMAT}", cache_tag, *unique])
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+# --- the pure planner ---------------------------------------------------------------------
+
+_Providers = list[tuple[int, Entry]]  # (index of the tree, its entry at one path)
+
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+def _by_name(trees: Sequence[TreeListing], providers: _Providers) -> dict[str, _Providers]:
+    """The entries of several trees' directories at one path, grouped by name, in tree order."""
+    merged: dict[str, _Providers] = {}
+    for index, entry in providers:
+        if entry.children is None:
+            raise ValueError(
+                f"{trees[index].wheel}: a directory shared with another tree was not listed; "
+                "make the listings with scan_trees()"
+            )
+        for name, child in entry.children.items():
+            merged.setdefault(name, []).append((index, child))
+    return merged
+
+
+def _roots(trees: Sequence[TreeListing]) -> _Providers:
+    return [(i, Entry("dir", children=t.entries)) for i, t in enumerate(trees)]
+
+
+def dirs_to_expand(trees: Sequence[TreeListing]) -> list[tuple[int, str]]:
+    """``(tree index, path)`` of the unlisted dirs that :func:`plan_view` needs to see into.
+
+    Those are the dirs that every tree providing that path provides as a dir (a mix of kinds is
+    a conflict, no listing needed), when more than one tree provides it.
+    """
+    wanted: list[tuple[int, str]] = []
+
+    def visit(path: str, providers: _Providers) -> None:
+        for name, group in sorted(_by_name(trees, providers).items()):
+            if len(group) < 2 or any(e.kind != "dir" for _, e in group):
+                continue
+            child_path = _join(path, name)
+            unlisted = [(i, child_path) for i, e in group if e.children is None]
+            if unlisted:
+                wanted.extend(unlisted)
+            else:
+                visit(child_path, group)
+
+    visit("", _roots(trees))
+    return wanted
+
+
+def with_children(listing: TreeListing, path: str, children: Mapping[str, Entry]) -> TreeListing:
+    """``listing`` with the dir at ``path`` (``/``-separated) now listed as ``children``."""
+
+    def put(entries: Mapping[str, Entry], parts: list[str]) -> dict[str, Entry]:
+        name, rest = parts[0], parts[1:]
+        entry = entries[name]
+        if entry.kind != "dir":
+            raise ValueError(f"{listing.wheel}: {path} is not a directory")
+        if rest:
+            if entry.children is None:
+                raise ValueError(f"{listing.wheel}: a parent of {path} is not listed")
+            inner = put(entry.children, rest)
+        else:
+            inner = dict(children)
+        return {**entries, name: replace(entry, children=inner)}
+
+    return replace(listing, entries=put(listing.entries, path.split("/")))
+
+
+def _difference(first: Entry, other: Entry) -> str | None:
+    """Why two entries at one path cannot be merged; None if they are (or may be) identical."""
+    if first.kind != other.kind:
+        return f"a {first.kind} vs a {other.kind}"
+    if first.kind == "symlink" and first.target != other.target:
+        return f"symlinks to {first.target!r} vs {other.target!r}"
+    if first.kind == "file" and first.size != other.size:
+        return f"{first.size} vs {other.size} bytes"
+    return None
+
+
+def plan_view(trees: Sequence[TreeListing]) -> ViewPlan:
+    """The dirs and links of the view of ``trees`` (in the lock's order).
+
+    Raises :class:`ViewConflict` with every clash that the listings show (different kinds,
+    sizes or symlink targets). Same-size files with different inodes are returned as
+    ``checks``: only their bytes can tell, and :func:`verify_plan` reads them. Where entries are
+    identical the link goes to the first tree's.
+    """
+    dirs: list[str] = []
+    links: list[ViewLink] = []
+    checks: list[SameContent] = []
+    clashes: list[Clash] = []
+
+    def merge(path: str, group: _Providers) -> None:
+        (first_index, first), others = group[0], group[1:]
+        first_tree = trees[first_index]
+        if others and all(e.kind == "dir" for _, e in group):
+            dirs.append(path)
+            for name, subgroup in sorted(_by_name(trees, group).items()):
+                merge(_join(path, name), subgroup)
+            return
+        links.append(ViewLink(path, first_tree.root / path, first.kind))
+        for index, entry in others:
+            other_tree = trees[index]
+            detail = _difference(first, entry)
+            if detail is not None:
+                clashes.append(Clash(path, first_tree.wheel, other_tree.wheel, detail))
+            elif entry.kind == "file" and (first.inode is None or first.inode != entry.inode):
+                checks.append(
+                    SameContent(
+                        path,
+                        first_tree.root / path,
+                        first_tree.wheel,
+                        other_tree.root / path,
+                        other_tree.wheel,
+                    )
+                )
+
+    for name, group in sorted(_by_name(trees, _roots(trees)).items()):
+        merge(name, group)
+    if clashes:
+        raise ViewConflict(clashes)
+    return ViewPlan(
+        trees=tuple((t.wheel, t.root) for t in trees),
+        dirs=tuple(dirs),
+        links=tuple(links),
+        checks=tuple(checks),
+    )
+
+
+# --- reading trees ------------------------------------------------------------------------
+
+
+def _visible(parent: str, name: str) -> bool:
+    """Whether a tree entry belongs in views.
+
+    In ``__pycache__`` only ``.pyc`` files do: anything else there is a temp file of a
+    compileall that is adding another interpreter's bytecode to the tree right now.
+    """
+    return parent.rpartition("/")[2] != "__pycache__" or name.endswith(".pyc")
+
+
+def scan_dir(path: Path, relpath: str = "") -> dict[str, Entry]:
+    """One level of a tree: files with their size and inode, dirs unlisted, symlinks' targets."""
+    entries: dict[str, Entry] = {}
+    with os.scandir(path) as found:
+        for item in found:
+            if not _visible(relpath, item.name):
+                continue
+            if item.is_symlink():
+                entries[item.name] = Entry("symlink", target=str(Path(item.path).readlink()))
+            elif item.is_dir(follow_symlinks=False):
+                entries[item.name] = Entry("dir")
+            elif item.is_file(follow_symlinks=False):
+                info = item.stat(follow_symlinks=False)
+                entries[item.name] = Entry("file", info.st_size, (info.st_dev, info.st_ino))
+            else:
+                raise StoreError(
+                    f"{item.path} is neither a file, a directory nor a symlink; the tree is "
+                    "damaged. Delete it from the store so that it is unpacked again."
+                )
+    return entries
+
+
+def scan_tree(name: str, site_dir: Path) -> TreeListing:
+    """The top level of one tree; :func:`scan_trees` lists deeper where trees overlap."""
+    return TreeListing(name, site_dir, scan_dir(site_dir))
+
+
+def scan_trees(entries: Sequence[tuple[str, Path]]) -> list[TreeListing]:
+    """Listings of the trees ``(wheel filename, site dir)`` deep enough for :func:`plan_view`.
+
+    Only dirs that two trees share are listed below the top level, one level per round.
+    """
+    listings = [scan_tree(wheel, site) for wheel, site in entries]
+    while wanted := dirs_to_expand(listings):
+        for index, path in wanted:
+            tree = listings[index]
+            listings[index] = with_children(tree, path, scan_dir(tree.root / path, path))
+    return listings
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            chunk_a, chunk_b = fa.read(_CHUNK), fb.read(_CHUNK)
+            if chunk_a != chunk_b:
+                return False
+            if not chunk_a:
+                return True
+
+
+def verify_plan(plan: ViewPlan) -> None:
+    """Compare the bytes of the plan's same-size files; :class:`ViewConflict` if any differ."""
+    clashes = [
+        Clash(c.path, c.first_wheel, c.other_wheel, "same size, different bytes")
+        for c in plan.checks
+        if not _same_bytes(c.first, c.other)
+    ]
+    if clashes:
+        raise ViewConflict(clashes)
+
+
+# --- building -----------------------------------------------------------------------------
+
+
+def _symlink(link: ViewLink, dest: Path, final_dest: Path, base: Path) -> None:
+    """A symlink at ``dest`` to the link's source, relative when both are in the store.
+
+    Relative links keep working when the store is moved or mounted elsewhere. They are computed
+    from ``final_dest``, where the link will be after the rename, not from the staging dir.
+    """
+    source = link.source
+    target = str(source)
+    if source.is_relative_to(base):
+        target = os.path.relpath(source, final_dest.parent)
+    dest.symlink_to(target)
+
+
+def _hardlink_file(source: str, dest: str) -> None:
+    try:
+        os.link(source, dest, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno == errno.EMLINK:  # the inode has the most links the filesystem allows
+            shutil.copy2(source, dest, follow_symlinks=False)
+        elif exc.errno == errno.EXDEV:
+            raise StoreError(
+                f"cannot hard-link {source} into a view: it is on another filesystem than the "
+                "store. Keep the trees inside the store root, or set link_mode to 'symlink'."
+            ) from None
+        else:
+            raise
+
+
+def _hardlink_tree(source: str, dest: str, relpath: str, made: list[str]) -> None:
+    """Recreate the dir ``source`` at ``dest``: real dirs, hard-linked files.
+
+    Plain strings and ``os`` calls: this runs once per file of every tree, tens of thousands.
+    """
+    os.mkdir(dest)  # noqa: PTH102
+    made.append(dest)
+    with os.scandir(source) as found:
+        for item in found:
+            if not _visible(relpath, item.name):
+                continue
+            target = os.path.join(dest, item.name)  # noqa: PTH118
+            if item.is_dir(follow_symlinks=False):
+                _hardlink_tree(item.path, target, _join(relpath, item.name), made)
+            else:
+                _hardlink_file(item.path, target)
+
+
+def _place_links(
+    plan: ViewPlan, site: Path, final_site: Path, base: Path, link_mode: LinkMode
+) -> list[str]:
+    """Make the plan's dirs and links under ``site``; every real dir made, to seal."""
+    site.mkdir()
+    made = [str(site)]
+    for relpath in plan.dirs:
+        (site / relpath).mkdir()
+        made.append(str(site / relpath))
+    for link in plan.links:
+        dest = site / link.path
+        if link_mode == "symlink":
+            _symlink(link, dest, final_site / link.path, base)
+        elif link.kind == "dir":
+            _hardlink_tree(str(link.source), str(dest), link.path, made)
+        else:
+            _hardlink_file(str(link.source), str(dest))
+    return made
+
+
+def _manifest(plan: ViewPlan, key: str, link_mode: LinkMode) -> str:
+    """What the view is made of, for a human or a collector rebuilding its records from disk."""
+    trees = [{"wheel": wheel, "site": str(site)} for wheel, site in plan.trees]
+    doc = {"format": VIEW_FORMAT, "key": key, "link_mode": link_mode, "trees": trees}
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def build_view(layout: StoreLayout, key: str, plan: ViewPlan, *, link_mode: LinkMode) -> Path:
+    """Build the view ``key`` from ``plan``; its site dir (what goes on ``sys.path``).
+
+    Staged in ``tmp/view-{key}.*`` and renamed to ``views/<key>`` whole, then sealed: no
+    reader ever sees a partial view. If a twin got there first, ours is discarded and the
+    twin's is returned. Nothing is left in ``tmp/`` on failure. Callers hold the view's lock
+    (:func:`ensure_view` does) so that leftovers of a crashed build can be removed safely.
+    """
+    if link_mode not in ("symlink", "hardlink"):
+        raise ValueError(f"link_mode must be 'symlink' or 'hardlink', not {link_mode!r}")
+    final = layout.view_dir(key)
+    final_site = layout.view_site_dir(key)
+    if final_site.is_dir():
+        return final_site
+    layout.tmp_dir.mkdir(parents=True, exist_ok=True)
+    layout.views_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=layout.view_staging_prefix(key), dir=layout.tmp_dir))
+    try:
+        made = _place_links(plan, staging / "site", final_site, layout.base, link_mode)
+        (staging / _MANIFEST).write_text(_manifest(plan, key, link_mode), encoding="utf-8")
+        (staging / _MANIFEST).chmod(0o444)
+        for directory in made:
+            Path(directory).chmod(_DIR_MODE)
+        try:
+            # The staged dir itself stays writable until here: renaming a directory into
+            # another parent rewrites its ".." entry, which needs write permission on it.
+            staging.rename(final)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            remove_sealed(staging)  # a twin won the race: same key, same content
+        else:
+            final.chmod(_DIR_MODE)
+    except BaseException:
+        remove_sealed(staging)
+        raise
+    return final_site
+
+
+@contextlib.contextmanager
+def _view_lock(path: Path) -> Iterator[None]:
+    """Hold the exclusive flock of one view, waiting for it.
+
+    Waiting in ``flock`` is safe here, unlike for tree locks: a view build waits for no other
+    lock, so whoever holds this one always finishes on its own.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the only descriptor releases the lock
+
+
+def _remove_leftovers(layout: StoreLayout, key: str) -> None:
+    if layout.tmp_dir.is_dir():
+        for path in layout.tmp_dir.glob(f"{layout.view_staging_prefix(key)}*"):
+            remove_sealed(path)
+
+
+def ensure_view(
+    layout: StoreLayout,
+    entries: Sequence[tuple[str, Path]],
+    key: str,
+    *,
+    link_mode: LinkMode = DEFAULT_LINK_MODE,
+) -> Path:
+    """The site dir of view ``key`` of ``entries`` (wheel filename, site dir), built if needed.
+
+    ``key`` comes from :func:`view_key` of the same trees. Every tree must be complete for the
+    interpreter (its ``pyc-{tag}`` marker present) before its view is built. The warm path is
+    one ``stat``. Raises :class:`ViewConflict` when two wheels clash; nothing is written then.
+    """
+    site = layout.view_site_dir(key)
+    if site.is_dir():
+        return site
+    with _view_lock(layout.view_lock_path(key)):
+        if site.is_dir():  # built by another process while this one waited
+            return site
+        _remove_leftovers(layout, key)
+        plan = plan_view(scan_trees(entries))
+        verify_plan(plan)
+        return build_view(layout, key, plan, link_mode=link_mode)
