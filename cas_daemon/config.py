@@ -135,7 +135,7 @@ def parse_mode(value: object) -> int:
         return int(value, 8)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
         return value
-    raise ValueError("must be an octal mode such as \"0660\" or 0o660")
+    raise ValueError('must be an octal mode such as "0660" or 0o660')
 
 
 def _strings(value: object) -> tuple[str, ...]:
@@ -267,12 +267,12 @@ class NoInterpreter(WheelcasError):
 
 
 class KnownInterpreters:
-    """The interpreters the daemon may run, by cache tag: configured, its own, discovered.
+    """The interpreters the daemon may run, by cache tag: its own, configured, discovered.
 
-    Only paths from the configuration and the host's own discovery (pyenv's versions,
-    ``python3.X`` on ``PATH``) are ever run; a client only names a cache tag. Each candidate
-    is probed once (one short subprocess), lazily: the daemon's own interpreter answers the
-    common case without probing anything. Thread-safe, blocking: call it in a worker thread.
+    Only the daemon's own interpreter, the configured paths and the host's own discovery
+    (pyenv's versions, ``python3.X`` on ``PATH``) are ever run; a client only names a cache
+    tag. Other candidates are probed lazily, once each (a short subprocess), the first time a
+    client asks for a tag the daemon has not seen. Blocking: call it in a worker thread.
     """
 
     _RESCAN_AFTER_S = 60.0
@@ -280,8 +280,9 @@ class KnownInterpreters:
     def __init__(self, configured: Sequence[Path], discover: bool) -> None:
         self._configured = [str(p) for p in configured]
         self._discover = discover
-        self._by_tag: dict[str, str] = {}
-        self._probed: set[str] = set()
+        own = sys.implementation.cache_tag
+        self._by_tag: dict[str, str] = {own: sys.executable} if own else {}
+        self._probed: set[str] = {sys.executable}
         self._scanned_at: float | None = None
         self._lock = threading.Lock()
 
@@ -320,7 +321,6 @@ class KnownInterpreters:
 
     def _candidates(self) -> Iterator[str]:
         yield from self._configured
-        yield sys.executable
         if not self._discover:
             return
         root = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv")

@@ -134,36 +134,46 @@ def _digest(path: str) -> str:
 def scan_files(site_dir: Path, min_size: int) -> list[FileFact]:
     """Every regular file of ``site_dir`` of at least ``min_size`` bytes, hashed."""
     facts: list[FileFact] = []
+    skip = len(str(site_dir)) + 1  # of every path os.walk gives: the site dir and a "/"
     for root, _dirs, files in os.walk(site_dir):
         for name in files:
             path = os.path.join(root, name)  # noqa: PTH118 - once per file of a whole tree
             info = os.lstat(path)
             if not stat.S_ISREG(info.st_mode) or info.st_size < max(min_size, 1):
                 continue
-            relpath = os.path.relpath(path, site_dir).replace(os.sep, "/")
+            relpath = path[skip:]
             inode = (info.st_dev, info.st_ino)
             mode = stat.S_IMODE(info.st_mode)
             facts.append(FileFact(relpath, info.st_size, mode, inode, _digest(path)))
     return facts
 
 
+def _entry_path(index_dir: str, name: str) -> str:
+    # Plain strings: called once or twice per file of a tree, Path objects cost a third of it.
+    return f"{index_dir}/{name[:2]}/{name}"
+
+
 def _lookup(layout: StoreLayout, names: Iterable[str]) -> dict[str, IndexFact]:
+    index_dir = str(layout.dedupe_dir)
     found: dict[str, IndexFact] = {}
     for name in set(names):
         try:
-            info = layout.dedupe_path(name).lstat()
+            info = os.lstat(_entry_path(index_dir, name))
         except FileNotFoundError:
             continue
         found[name] = IndexFact(info.st_size, (info.st_dev, info.st_ino))
     return found
 
 
-def _add_to_index(layout: StoreLayout, path: Path, name: str) -> bool:
+def _add_to_index(index_dir: str, path: str, name: str) -> bool:
     """Make ``path`` the index entry ``name``; False if an entry appeared meanwhile."""
-    entry = layout.dedupe_path(name)
-    entry.parent.mkdir(parents=True, exist_ok=True)
+    entry = _entry_path(index_dir, name)
     try:
-        entry.hardlink_to(path)
+        try:
+            os.link(path, entry)
+        except FileNotFoundError:  # the first entry of its shard
+            os.makedirs(os.path.dirname(entry), exist_ok=True)  # noqa: PTH103, PTH120
+            os.link(path, entry)
     except FileExistsError:
         return False
     except OSError as exc:
@@ -186,11 +196,11 @@ def _writable(directory: Path) -> Iterator[None]:
 
 def _replace_by_entry(layout: StoreLayout, path: Path, step: DedupeStep, staged: Path) -> bool:
     """Replace ``path`` by a link to its index entry; False if the entry no longer fits."""
-    entry = layout.dedupe_path(step.name)
+    index_dir = str(layout.dedupe_dir)
     try:
-        staged.hardlink_to(entry)
+        staged.hardlink_to(_entry_path(index_dir, step.name))
     except FileNotFoundError:  # pruned since it was looked up: this copy becomes the entry
-        _add_to_index(layout, path, step.name)
+        _add_to_index(index_dir, str(path), step.name)
         return False
     except OSError as exc:
         if exc.errno == errno.EMLINK:
@@ -218,9 +228,10 @@ def _staging_prefix(layout: StoreLayout, site_dir: Path) -> str:
 
 def apply_dedupe(layout: StoreLayout, site_dir: Path, steps: Sequence[DedupeStep]) -> DedupeResult:
     """Carry out ``steps`` on the tree at ``site_dir``; what was linked."""
+    index_dir, site = str(layout.dedupe_dir), str(site_dir)
     to_link: dict[str, list[DedupeStep]] = {}
     for step in steps:
-        if step.action == "index" and _add_to_index(layout, site_dir / step.path, step.name):
+        if step.action == "index" and _add_to_index(index_dir, f"{site}/{step.path}", step.name):
             continue
         # A link, or an entry that another process added since the lookup: link to theirs.
         parent = step.path.rpartition("/")[0]

@@ -87,6 +87,11 @@ class StoreLayout:
         """The SQLite index of the store (usage times, views, leases, roots): see metadata.py."""
         return self.base / "metadata.sqlite3"
 
+    @property
+    def daemon_lock(self) -> Path:
+        """Held (flock) by the one daemon serving this store, for its whole life."""
+        return self.base / "daemon.lock"
+
     def view_lock_path(self, key: str) -> Path:
         """The flock of one view: held by whoever builds or removes ``views/<key>``."""
         return self.locks_dir / "views" / f"{key}.lock"

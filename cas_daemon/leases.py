@@ -65,13 +65,14 @@ def is_alive(pid: int, start_time: int, *, proc: Path = PROC) -> bool:
     """Whether ``pid`` is still the process that started at ``start_time``.
 
     False when the process is gone or exited, or when the pid now belongs to another process
-    (its start time differs). True when ``/proc`` will not say but the pid exists.
+    (its start time differs). True when ``/proc`` will not say but the pid exists. A
+    ``start_time`` of 0 or less means it was unknown when the lease was taken: then only
+    "does the pid exist (and not as a zombie)" can be asked.
     """
     if pid <= 0:
         return False
-    stat_path = proc / str(pid) / "stat"
     try:
-        text = stat_path.read_text(encoding="utf-8", errors="replace")
+        text = (proc / str(pid) / "stat").read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return _gone_unless_hidden(pid, proc)
     except OSError:
@@ -80,7 +81,9 @@ def is_alive(pid: int, start_time: int, *, proc: Path = PROC) -> bool:
     if parsed is None:
         return _pid_exists(pid)
     state, started = parsed
-    return state not in _EXITED_STATES and started == start_time
+    if state in _EXITED_STATES:
+        return False
+    return start_time <= 0 or started == start_time
 
 
 def _gone_unless_hidden(pid: int, proc: Path) -> bool:

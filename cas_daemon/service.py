@@ -35,7 +35,7 @@ from cas_daemon.config import DaemonConfig, KnownInterpreters
 from cas_daemon.errors import HashMismatch, StoreError
 from cas_daemon.layout import StoreLayout
 from cas_daemon.leases import process_start_time
-from cas_daemon.metadata import Metadata
+from cas_daemon.metadata import Metadata, measure_tree
 from cas_daemon.progress import ProgressCallback, ProgressEvent
 from cas_daemon.store import Store, StoreStats, WheelRef
 from lockgen.errors import WheelcasError
@@ -208,7 +208,7 @@ class Uploads:
         """Where the upload of ``sha`` is (whatever name it came with), or would be."""
         directory = self.root / sha
         try:
-            return directory / min(os.listdir(directory))
+            return min(directory.iterdir())
         except (FileNotFoundError, ValueError):
             return directory / filename
 
@@ -293,3 +293,313 @@ class Metrics:
     cache_hits: int = 0
     uploads: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+
+
+class Service:
+    """The daemon's state. Build it with :meth:`open` inside the running loop."""
+
+    def __init__(self, config: DaemonConfig, store: Store, metadata: Metadata | None) -> None:
+        self.config = config
+        self.store = store
+        self.layout = store.layout
+        self.metadata = metadata
+        self.metrics = Metrics()
+        self.started = time.time()
+        self.interpreters = KnownInterpreters(config.interpreters, config.discover_interpreters)
+        self.uploads = Uploads(
+            store.layout,
+            max_bytes=config.upload_max_bytes,
+            accept_compressed=config.accept_compressed_bundles,
+        )
+        self._stats: tuple[float, StoreStats] | None = None
+        self._last_event: ProgressEvent | None = None
+        self._fetched: dict[str, int] = {}
+
+    @classmethod
+    async def open(cls, config: DaemonConfig, store: Store) -> Service:
+        """The service over ``store``; without the metadata index if it cannot be opened.
+
+        Loading models matters more than usage records: a broken index is logged (with the
+        fsck that repairs it) and the daemon serves on, without leases and GC.
+        """
+        try:
+            metadata: Metadata | None = await asyncio.to_thread(Metadata.open, store.layout)
+        except StoreError as exc:
+            log.error("%s", exc)
+            metadata = None
+        return cls(config, store, metadata)
+
+    async def aclose(self) -> None:
+        if self.metadata is not None:
+            await asyncio.to_thread(self.metadata.close)
+
+    # --- resolve ---------------------------------------------------------------------------
+
+    async def plan(self, request: ResolveRequest) -> Plan:
+        """Check a request before any work starts, so a refusal gets its own HTTP status."""
+        for dep in request.deps:
+            if dep.url is not None:
+                check_host(dep.url, self.config.allowed_hosts)
+        spec = request.python
+        python = await asyncio.to_thread(self.interpreters.find, spec.cache_tag, spec.version)
+        refs = tuple(self._ref(dep) for dep in request.deps)
+        missing = {
+            ref.sha256
+            for ref in refs
+            if ref.bundle_path is not None
+            and not self.layout.tree_dir(ref.sha256).exists()
+            and not ref.bundle_path.is_file()
+        }
+        if missing:
+            raise MissingBundles(sorted(missing))
+        return Plan(request, refs, python)
+
+    def _ref(self, dep: DepSpec) -> WheelRef:
+        if dep.url is not None:
+            return WheelRef(dep.sha256, dep.filename, url=dep.url)
+        path = self.uploads.path_for(dep.sha256, dep.filename)
+        return WheelRef(dep.sha256, dep.filename, bundle_path=path)
+
+    async def execute(
+        self,
+        plan: Plan,
+        peer: Peer | None,
+        on_event: ProgressCallback | None = None,
+        *,
+        prefetch: bool = False,
+    ) -> Outcome:
+        """Make the plan's wheels ready; for a resolve, then its view and lease.
+
+        The lease is taken first: a GC that runs meanwhile either sees it, or removed a tree
+        before it, which the store then publishes again (see ``Metadata.add_lease``).
+        """
+        tag = plan.request.python.cache_tag
+        unique = {ref.sha256: ref for ref in plan.refs}
+        shas = list(unique)
+        key = views.view_key(shas, tag) if shas and not prefetch else None
+        lease = None
+        if plan.request.lease and not prefetch and peer is not None:
+            lease = await self._record_lease(peer, shas, key)
+        try:
+            already = sum(self.layout.pyc_marker(s, tag).exists() for s in shas)
+            if already == len(shas):
+                self.metrics.cache_hits += already
+                sites = [self.layout.site_dir(ref.sha256) for ref in plan.refs]
+            else:
+                readied: list[ProgressEvent] = []
+                sites = await self.store.aready(
+                    plan.refs, python=plan.python, progress=self._listener(on_event, readied)
+                )
+                await self._record_published(readied, tag)
+            bundled = [s for s, ref in unique.items() if ref.bundle_path is not None]
+            if bundled:
+                await asyncio.to_thread(self.uploads.forget, bundled)
+            view, view_error = (None, None) if key is None else await self._view(plan, key)
+            await self._record_use(shas, key if view is not None else None)
+        except BaseException:
+            if lease is not None:
+                await self._drop_lease_record(lease)
+            raise
+        if prefetch:
+            self.metrics.prefetches += 1
+        else:
+            self.metrics.resolves += 1
+        return Outcome(view, tuple(sites), lease, len(shas), already, view_error)
+
+    async def _view(self, plan: Plan, key: str) -> tuple[Path | None, WheelcasError | None]:
+        """The view of the plan's trees (one sys.path entry); None and why if impossible.
+
+        Wheels that clash (:class:`~cas_daemon.views.ViewConflict`) still load as separate
+        site dirs, as they do in embedded mode; the client is told why there is no view.
+        """
+        seen: dict[str, WheelRef] = {ref.sha256: ref for ref in plan.refs}
+        entries = [(ref.filename, self.layout.site_dir(sha)) for sha, ref in seen.items()]
+        mode: views.LinkMode = "symlink" if self.config.view_link_mode == "symlink" else "hardlink"
+        try:
+            site = await asyncio.to_thread(
+                views.ensure_view, self.layout, entries, key, link_mode=mode
+            )
+        except views.ViewConflict as exc:
+            log.warning("no view for %d wheels: %s", len(entries), exc)
+            return None, exc
+        if self.metadata is not None:
+            await asyncio.to_thread(self.metadata.record_view, key, list(seen))
+        return site, None
+
+    def _listener(
+        self, forward: ProgressCallback | None, readied: list[ProgressEvent]
+    ) -> ProgressCallback:
+        def listen(event: ProgressEvent) -> None:
+            self._meter(event)
+            if event.kind == "ready":
+                readied.append(event)
+            if forward is not None:
+                forward(event)
+
+        return listen
+
+    def _meter(self, event: ProgressEvent) -> None:
+        """Count an event once, however many requests listen to its wheel.
+
+        The store hands the same event object to every listener of a wheel, one after the
+        other, so comparing with the last event seen is enough to count each once.
+        """
+        if event is self._last_event:
+            return
+        self._last_event = event
+        metrics, sha = self.metrics, event.sha256
+        if event.kind == "start":
+            self._fetched[sha] = 0
+        elif event.kind == "bytes":
+            metrics.bytes_fetched += event.nbytes
+            self._fetched[sha] = self._fetched.get(sha, 0) + event.nbytes
+        elif event.kind == "ready":
+            metrics.published += 1
+            metrics.downloads += bool(self._fetched.pop(sha, 0))
+        elif event.kind == "cached":
+            metrics.cache_hits += 1
+
+    # --- metadata: the one place that records into the store's index ------------------------
+
+    async def _record_published(self, readied: Sequence[ProgressEvent], tag: str) -> None:
+        if self.metadata is None or not readied:
+            return
+        metadata, layout = self.metadata, self.layout
+
+        def record() -> None:
+            for event in readied:
+                blob = layout.blob_path(event.sha256)
+                blob_bytes = blob.stat().st_size if blob.is_file() else 0
+                tree_bytes, files = measure_tree(layout.site_dir(event.sha256))
+                metadata.record_published(
+                    event.sha256, event.name, blob_bytes, tree_bytes, files, tag
+                )
+
+        await asyncio.to_thread(record)
+
+    async def _record_use(self, shas: Sequence[str], key: str | None) -> None:
+        if self.metadata is not None:
+            await asyncio.to_thread(self.metadata.touch, shas, key)
+
+    async def _record_lease(self, peer: Peer, shas: Sequence[str], key: str | None) -> int | None:
+        if self.metadata is None:
+            log.warning("no lease for pid %d: the store index is unavailable", peer.pid)
+            return None
+        # 0 when /proc will not say: leases.is_alive then falls back to "does the pid exist".
+        start = process_start_time(peer.pid) or 0
+        return await asyncio.to_thread(self.metadata.add_lease, peer.pid, start, shas, key)
+
+    async def _drop_lease_record(self, lease_id: int) -> None:
+        if self.metadata is not None:
+            await asyncio.to_thread(self.metadata.drop_lease, lease_id)
+
+    # --- uploads and leases ---------------------------------------------------------------
+
+    async def upload(self, sha: Sha256, filename: str, body: AsyncIterable[bytes]) -> int:
+        size = await self.uploads.receive(sha, filename, body)
+        self.metrics.uploads += 1
+        return size
+
+    async def take_lease(self, peer: Peer, shas: Sequence[str], view: str | None) -> int:
+        """A lease on trees (and a view the daemon returned) for the peer's process."""
+        key = None
+        if view is not None:
+            key = Path(view).parent.name
+            if Path(view) != self.layout.view_site_dir(key):
+                raise BadRequest("view", "is not a view this daemon returned")
+        lease = await self._record_lease(peer, shas, key)
+        if lease is None:
+            raise Unavailable("leases are unavailable: the store index could not be opened")
+        return lease
+
+    async def drop_lease(self, lease_id: int, peer: Peer | None) -> None:
+        """Release a lease: by its own process, its process's owner, root or the daemon."""
+        if self.metadata is None:
+            raise LeaseNotFound(lease_id)
+        leases = await asyncio.to_thread(self.metadata.leases)
+        lease = next((held for held in leases if held.id == lease_id), None)
+        if lease is None:
+            raise LeaseNotFound(lease_id)
+        if peer is not None and not (
+            peer.pid == lease.pid
+            or peer.uid in (0, os.geteuid())
+            or _owner_uid(lease.pid) in (None, peer.uid)
+        ):
+            raise NotPermitted(f"lease {lease_id} belongs to another user's process")
+        await self._drop_lease_record(lease_id)
+
+    async def live_leases(self) -> int:
+        """How many leases hold trees; the leases of ended processes are dropped first."""
+        if self.metadata is None:
+            return 0
+        from cas_daemon.leases import is_alive
+
+        metadata = self.metadata
+
+        def count() -> int:
+            metadata.drop_dead_leases(is_alive)
+            return len(metadata.leases())
+
+        return await asyncio.to_thread(count)
+
+    # --- status and gc --------------------------------------------------------------------
+
+    async def store_stats(self) -> StoreStats:
+        """The store's sizes, walked at most every few seconds (it stats every file)."""
+        now = time.monotonic()
+        if self._stats is None or now - self._stats[0] > _STATS_TTL_S:
+            self._stats = (now, await asyncio.to_thread(self.store.stats))
+        return self._stats[1]
+
+    def count_views(self) -> int:
+        try:
+            return sum(1 for _ in self.layout.views_dir.iterdir())
+        except FileNotFoundError:
+            return 0
+
+    async def status(self) -> dict[str, Any]:
+        stats = await self.store_stats()
+        m = self.metrics
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 3),
+            "store": {
+                "root": str(self.layout.root),
+                "blobs": stats.blobs,
+                "blob_bytes": stats.blob_bytes,
+                "trees": stats.trees,
+                "tree_bytes": stats.tree_bytes,
+                "views": self.count_views(),
+                "index": None if self.metadata is None else str(self.metadata.path),
+            },
+            "leases": await self.live_leases(),
+            "interpreters": self.interpreters.known(),
+            "allowed_hosts": list(self.config.allowed_hosts),
+            "counters": {
+                "resolves": m.resolves,
+                "prefetches": m.prefetches,
+                "downloads": m.downloads,
+                "bytes_fetched": m.bytes_fetched,
+                "published": m.published,
+                "cache_hits": m.cache_hits,
+                "uploads": m.uploads,
+                "errors": sum(m.errors.values()),
+            },
+        }
+
+    async def gc(self, *, dry_run: bool) -> dict[str, Any]:
+        """One GC pass with the configured limits (``gc.max_bytes``, ``gc.max_age``)."""
+        from cas_daemon.gc import run_for_daemon
+
+        if self.metadata is None:
+            raise Unavailable("garbage collection needs the store index; run `wheelcas fsck`")
+        self._stats = None
+        return await run_for_daemon(self.layout, self.metadata, self.config, dry_run=dry_run)
+
+
+def _owner_uid(pid: int) -> int | None:
+    """The uid that owns process ``pid``; None if it is gone (its lease protects nothing)."""
+    try:
+        return os.stat(f"/proc/{pid}").st_uid  # noqa: PTH116 - one stat, cheaper than a Path
+    except OSError:
+        return None

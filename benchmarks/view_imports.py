@@ -1,0 +1,427 @@
+"""Should views link with symlinks or hard links? Measure imports, builds and dedupe on real wheels.
+
+Run ``.venv/bin/python -m benchmarks.view_imports`` (``--help`` for options). It unpacks and
+precompiles every wheel of the sample into a store of its own (kept in ``--work-dir`` for the
+next run), makes a venv-like directory of the same wheels (everything unpacked into one dir and
+compiled, as pip installs), and then:
+
+* times ``import numpy, pandas, scipy.stats, sklearn.linear_model, requests, yaml, jinja2,
+  pydantic`` (those the sample has) in fresh ``python -I -S -B`` processes whose ``sys.path``
+  gets each layout by ``sys.path[0:0] = [...]`` (or appended, where a venv's site-packages
+  sits): rounds of one process per layout, in an order rotated each round; the median per
+  layout, and its ratio to the venv;
+* times building each kind of view (``ensure_view`` from nothing, trees in the page cache);
+* hashes every tree file once and replays :func:`cas_daemon.dedupe.plan_dedupe` with several
+  size thresholds over the sample and a set of neighbouring versions of the same projects,
+  then times the real :func:`cas_daemon.dedupe.dedupe_tree` at the default threshold.
+
+``-S`` keeps the benchmark venv's own site-packages (where numpy is installed too) out of every
+process; all layouts are given the same way, so the ratios compare layouts only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from packaging.tags import sys_tags
+from packaging.utils import canonicalize_name, parse_wheel_filename
+from packaging.version import Version
+
+from benchmarks.procs import isolated_env
+from cas_daemon import dedupe, views
+from cas_daemon.layout import StoreLayout
+from cas_daemon.precompile import compile_tree, remove_sealed, seal_read_only, write_marker
+from cas_daemon.unpack import unpack_wheel
+
+R40_WHEELS = Path.home() / ".cache/wheelcas-bench/r40/wheels"
+PYPI_FILES = Path("/opt/pypi/files")
+DEFAULT_WORK = Path.home() / ".cache/wheelcas-bench/views"
+IMPORTS = (
+    "numpy",
+    "pandas",
+    "scipy.stats",
+    "sklearn.linear_model",
+    "requests",
+    "yaml",
+    "jinja2",
+    "pydantic",
+)
+TAG = sys.implementation.cache_tag
+THRESHOLDS = (1, 256, 1024, 4096, 16384)
+BLOCK = 4096
+
+
+def _progress(text: str) -> None:
+    print(f"[view_imports] {text}", file=sys.stderr, flush=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- the sample ----------------------------------------------------------------------------
+
+
+def _project(wheel: Path) -> str:
+    return canonicalize_name(parse_wheel_filename(wheel.name)[0])
+
+
+def _installable(wheel: Path, tags: frozenset[str]) -> bool:
+    return any(str(t) in tags for t in parse_wheel_filename(wheel.name)[3])
+
+
+def neighbours(sample: Sequence[Path], pool: Path) -> list[Path]:
+    """For each project of ``sample``: the newest other version in ``pool`` this Python can use."""
+    tags = frozenset(str(t) for t in sys_tags())
+    wanted = {_project(w): parse_wheel_filename(w.name)[1] for w in sample}
+    best: dict[str, tuple[Version, Path]] = {}
+    for wheel in sorted(pool.glob("*.whl")):
+        try:
+            name, version, _build, _tags = parse_wheel_filename(wheel.name)
+        except ValueError:
+            continue
+        project = canonicalize_name(name)
+        if project not in wanted or version == wanted[project]:
+            continue
+        if not _installable(wheel, tags):
+            continue
+        if project not in best or version > best[project][0]:
+            best[project] = (version, wheel)
+    return [path for _, path in sorted(best.values(), key=lambda vp: vp[1].name)]
+
+
+@dataclass(frozen=True)
+class Tree:
+    wheel: str
+    sha: str
+    site: Path
+
+
+def publish(layout: StoreLayout, wheels: Sequence[Path]) -> list[Tree]:
+    """Each wheel unpacked, compiled and sealed in ``layout``, as the store does (reused)."""
+    trees: list[Tree] = []
+    for wheel in wheels:
+        sha = _sha256(wheel)
+        site = layout.site_dir(sha)
+        marker = layout.pyc_marker(sha, TAG)
+        if not marker.exists():
+            _progress(f"unpacking and compiling {wheel.name}")
+            remove_sealed(layout.tree_dir(sha))
+            unpack_wheel(wheel, site, verify_record=False)
+            compile_tree(site, sys.executable, display_dir=site)
+            seal_read_only(site)
+            write_marker(marker, sys.executable)
+        trees.append(Tree(wheel.name, sha, site))
+    return trees
+
+
+def make_venv_like(target: Path, wheels: Sequence[Path]) -> Path:
+    """Every wheel unpacked into one directory and compiled there: a venv's site-packages."""
+    done = target / ".complete"
+    if done.exists():
+        return target
+    if target.exists():
+        remove_sealed(target)
+    target.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        for wheel in wheels:
+            one = Path(scratch) / wheel.name
+            unpack_wheel(wheel, one, verify_record=False)
+            shutil.copytree(one, target, dirs_exist_ok=True)
+    _progress(f"compiling the venv-like dir {target}")
+    compile_tree(target, sys.executable, display_dir=target)
+    done.touch()
+    return target
+
+
+# --- imports ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    entries: tuple[str, ...]
+    append: bool = False
+
+    def argv(self, modules: Sequence[str]) -> list[str]:
+        entries = list(self.entries)
+        if self.append:
+            prelude = f"import sys; sys.path.extend({entries!r})"
+        else:
+            prelude = f"import sys; sys.path[0:0] = {entries!r}"
+        return [sys.executable, "-I", "-S", "-B", "-c", f"{prelude}\nimport {', '.join(modules)}"]
+
+
+def check_origins(layout: Layout, modules: Sequence[str], env: dict[str, str]) -> None:
+    """Fail unless every imported top-level package comes from the layout's entries."""
+    tops = sorted({m.split(".")[0] for m in modules})
+    code = f"import json; print(json.dumps([__import__(m).__file__ for m in {tops!r}]))"
+    argv = [*layout.argv(modules)[:-1], layout.argv(modules)[-1] + "\n" + code]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{layout.name}: the imports fail:\n{out.stderr[-3000:]}")
+    for path in json.loads(out.stdout):
+        if not any(path.startswith(entry + "/") for entry in layout.entries):
+            raise SystemExit(f"{layout.name}: imported {path} from outside the layout")
+
+
+def time_imports(
+    layouts: Sequence[Layout], modules: Sequence[str], rounds: int
+) -> dict[str, list[float]]:
+    env = isolated_env()
+    for layout in layouts:
+        check_origins(layout, modules, env)  # also brings every file into the page cache
+    samples: dict[str, list[float]] = {layout.name: [] for layout in layouts}
+    for round_no in range(rounds):
+        shift = round_no % len(layouts)
+        for layout in [*layouts[shift:], *layouts[:shift]]:
+            argv = layout.argv(modules)
+            start = time.perf_counter()
+            subprocess.run(argv, env=env, check=True)
+            samples[layout.name].append(time.perf_counter() - start)
+        _progress(f"import round {round_no + 1}/{rounds}")
+    return samples
+
+
+# --- building views -------------------------------------------------------------------------
+
+
+def build_once(layout: StoreLayout, trees: Sequence[Tree], mode: views.LinkMode) -> Path:
+    """A fresh view of ``trees`` in ``mode`` (under a key of its own), the old one removed."""
+    key = hashlib.sha256(
+        f"{views.view_key([t.sha for t in trees], TAG)}-{mode}".encode()
+    ).hexdigest()
+    remove_sealed(layout.view_dir(key))
+    return views.ensure_view(layout, [(t.wheel, t.site) for t in trees], key, link_mode=mode)
+
+
+def time_builds(
+    layout: StoreLayout, trees: Sequence[Tree], repeats: int
+) -> dict[str, tuple[list[float], int]]:
+    results: dict[str, tuple[list[float], int]] = {}
+    for mode in ("symlink", "hardlink"):
+        seconds: list[float] = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            site = build_once(layout, trees, mode)
+            seconds.append(time.perf_counter() - start)
+        links = sum(1 for _ in _view_entries(site))
+        results[mode] = (seconds, links)
+    return results
+
+
+def _view_entries(site: Path) -> list[Path]:
+    found: list[Path] = []
+    for path in site.rglob("*"):
+        if path.is_symlink() or not path.is_dir():
+            found.append(path)
+    return found
+
+
+# --- dedupe --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DedupeRow:
+    threshold: int
+    candidates: int
+    linked: int
+    bytes_saved: int
+    blocks_saved: int
+
+
+def replay_dedupe(facts: Sequence[Sequence[dedupe.FileFact]]) -> list[DedupeRow]:
+    """Run the pure planner over the trees in order, per threshold: what each would link."""
+    rows: list[DedupeRow] = []
+    for threshold in THRESHOLDS:
+        index: dict[str, dedupe.IndexFact] = {}
+        candidates = linked = saved = blocks = 0
+        for tree_facts in facts:
+            kept = [f for f in tree_facts if f.size >= threshold]
+            candidates += len(kept)
+            for step in dedupe.plan_dedupe(kept, index):
+                if step.action == "link":
+                    linked += 1
+                    saved += step.size
+                    blocks += -(-step.size // BLOCK) * BLOCK
+            for f in kept:
+                index.setdefault(
+                    dedupe.index_name(f.digest, f.mode), dedupe.IndexFact(f.size, f.inode)
+                )
+        rows.append(DedupeRow(threshold, candidates, linked, saved, blocks))
+    return rows
+
+
+def copy_trees(target: StoreLayout, trees: Sequence[Tree]) -> list[Tree]:
+    """Copies of ``trees`` in a fresh store, so that every run dedupes trees never deduped."""
+    remove_sealed(target.root)
+    copies: list[Tree] = []
+    for tree in trees:
+        site = target.site_dir(tree.sha)
+        site.parent.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(tree.site, site, symlinks=True)
+        copies.append(Tree(tree.wheel, tree.sha, site))
+    return copies
+
+
+def measure_dedupe(
+    layout: StoreLayout, trees: Sequence[Tree]
+) -> tuple[float, list[DedupeRow], float, dedupe.DedupeResult, int]:
+    """(hash time, replayed rows, real dedupe time, its result, dedupe_savings)."""
+    start = time.perf_counter()
+    facts = [dedupe.scan_files(t.site, 1) for t in trees]
+    hashing = time.perf_counter() - start
+    rows = replay_dedupe(facts)
+    linked = saved = 0
+    start = time.perf_counter()
+    for tree in trees:
+        result = dedupe.dedupe_tree(layout, tree.site)
+        linked += result.files_linked
+        saved += result.bytes_saved
+    real = time.perf_counter() - start
+    return hashing, rows, real, dedupe.DedupeResult(linked, saved), dedupe.dedupe_savings(layout)
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def render(
+    wheels: Sequence[Path],
+    imports: dict[str, list[float]],
+    yardstick: str,
+    builds: dict[str, tuple[list[float], int]],
+    dedupe_figures: tuple[float, list[DedupeRow], float, dedupe.DedupeResult, int] | None,
+    neighbour_count: int,
+) -> str:
+    base = statistics.median(imports[yardstick])
+    lines = [
+        f"Sample: {len(wheels)} wheels; Python {sys.version.split()[0]}; "
+        f"{len(next(iter(imports.values())))} processes per layout.",
+        "",
+        "| layout | median | min | vs venv |",
+        "|---|---|---|---|",
+    ]
+    for name, values in imports.items():
+        median = statistics.median(values)
+        lines.append(f"| {name} | {median:.3f} s | {min(values):.3f} s | {median / base:.3f} |")
+    lines += ["", "| view build | median | min | entries in the view |", "|---|---|---|---|"]
+    for mode, (seconds, count) in builds.items():
+        lines.append(
+            f"| {mode} | {statistics.median(seconds) * 1000:.0f} ms | "
+            f"{min(seconds) * 1000:.0f} ms | {count} |"
+        )
+    if dedupe_figures is not None:
+        hashing, rows, real, result, savings = dedupe_figures
+        lines += [
+            "",
+            f"Dedupe over the sample and {neighbour_count} neighbouring versions: hashing every "
+            f"file once took {hashing:.2f} s.",
+            "",
+            "| threshold | files hashed | files linked | bytes saved | 4 KiB blocks saved |",
+            "|---|---|---|---|---|",
+        ]
+        for row in rows:
+            lines.append(
+                f"| {row.threshold} B | {row.candidates} | {row.linked} | "
+                f"{_mb(row.bytes_saved)} | {_mb(row.blocks_saved)} |"
+            )
+        lines += [
+            "",
+            f"`dedupe_tree` over every tree at {dedupe.MIN_DEDUPE_SIZE} B: {real:.2f} s, "
+            f"{result.files_linked} files linked, {_mb(result.bytes_saved)} saved "
+            f"(`dedupe_savings`: {_mb(savings)}).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _default_sample() -> list[Path]:
+    if R40_WHEELS.is_dir():
+        return sorted(R40_WHEELS.glob("*.whl"))
+    raise SystemExit(
+        f"no sample: {R40_WHEELS} is missing. Run `python -m benchmarks --only pip_import` once "
+        "to make it, or pass --wheels DIR."
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.view_imports", description=__doc__)
+    parser.add_argument("--wheels", type=Path, help=f"dir of the sample wheels ({R40_WHEELS})")
+    parser.add_argument("--pool", type=Path, default=PYPI_FILES, help="where neighbours come from")
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK, help="kept between runs")
+    parser.add_argument("--rounds", type=int, default=11, help="processes per layout (>= 7)")
+    parser.add_argument("--builds", type=int, default=5, help="builds per view kind")
+    parser.add_argument("--no-dedupe", action="store_true", help="skip the dedupe figures")
+    parser.add_argument("--json", type=Path, help="also write every sample here")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    wheels = sorted(args.wheels.glob("*.whl")) if args.wheels else _default_sample()
+    modules = [m for m in IMPORTS if any(_project(w) == _module_project(m) for w in wheels)]
+    store = StoreLayout(args.work_dir / "store")
+    trees = publish(store, wheels)
+    venv_site = make_venv_like(args.work_dir / "venv-site", wheels)
+
+    builds = time_builds(store, trees, args.builds)
+    sym_site = build_once(store, trees, "symlink")
+    hard_site = build_once(store, trees, "hardlink")
+    per_tree = tuple(str(t.site) for t in trees)
+    layouts = [
+        Layout("venv: site-packages after the stdlib", (str(venv_site),), append=True),
+        Layout("venv: site-packages before the stdlib", (str(venv_site),)),
+        Layout("view, hard links, before the stdlib", (str(hard_site),)),
+        Layout("view, hard links, after the stdlib", (str(hard_site),), append=True),
+        Layout("view, symlinks, before the stdlib", (str(sym_site),)),
+        Layout(f"one entry per tree ({len(per_tree)}), before the stdlib", per_tree),
+    ]
+    imports = time_imports(layouts, modules, args.rounds)
+
+    dedupe_figures = None
+    extra: list[Path] = []
+    if not args.no_dedupe:
+        extra = neighbours(wheels, args.pool)
+        all_trees = publish(store, [*wheels, *extra])
+        dedupe_store = StoreLayout(args.work_dir / "dedupe-store")
+        copies = copy_trees(dedupe_store, all_trees)
+        try:
+            dedupe_figures = measure_dedupe(dedupe_store, copies)
+        finally:
+            remove_sealed(dedupe_store.root)
+
+    report = render(wheels, imports, layouts[0].name, builds, dedupe_figures, len(extra))
+    print(report)
+    if args.json:
+        doc = {"imports": imports, "builds": {m: s for m, (s, _) in builds.items()}}
+        args.json.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+
+
+_IMPORT_PROJECTS = {"yaml": "pyyaml", "sklearn": "scikit-learn"}
+
+
+def _module_project(module: str) -> str:
+    top = module.split(".")[0]
+    return _IMPORT_PROJECTS.get(top, top)
+
+
+if __name__ == "__main__":
+    main()
