@@ -8,12 +8,14 @@ compiled, as pip installs), and then:
 * times ``import numpy, pandas, scipy.stats, sklearn.linear_model, requests, yaml, jinja2,
   pydantic`` (those the sample has) in fresh ``python -I -S -B`` processes whose ``sys.path``
   gets each layout by ``sys.path[0:0] = [...]`` (or appended, where a venv's site-packages
-  sits): rounds of one process per layout, in an order rotated each round; the median per
-  layout, and its ratio to the venv;
+  sits): rounds of one process per layout, in an order rotated each round; per layout the
+  median wall time and the median CPU time (user + system of the child, which the other load
+  of a shared 2-core machine disturbs much less), each with its ratio to the venv;
 * times building each kind of view (``ensure_view`` from nothing, trees in the page cache);
 * hashes every tree file once and replays :func:`cas_daemon.dedupe.plan_dedupe` with several
   size thresholds over the sample and a set of neighbouring versions of the same projects,
-  then times the real :func:`cas_daemon.dedupe.dedupe_tree` at the default threshold.
+  then times the real :func:`cas_daemon.dedupe.dedupe_tree` for three of them, each on fresh
+  copies of the trees.
 
 ``-S`` keeps the benchmark venv's own site-packages (where numpy is installed too) out of every
 process; all layouts are given the same way, so the ratios compare layouts only.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import resource
 import shutil
 import statistics
 import subprocess
@@ -31,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from packaging.tags import sys_tags
@@ -59,6 +62,7 @@ IMPORTS = (
 )
 TAG = sys.implementation.cache_tag
 THRESHOLDS = (1, 256, 1024, 4096, 16384)
+TIMED_THRESHOLDS = (1, 1024, 4096)
 BLOCK = 4096
 
 
@@ -180,20 +184,35 @@ def check_origins(layout: Layout, modules: Sequence[str], env: dict[str, str]) -
             raise SystemExit(f"{layout.name}: imported {path} from outside the layout")
 
 
+@dataclass
+class Samples:
+    """Per process: wall time, and CPU time (user + system) that other load disturbs less."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def time_imports(
     layouts: Sequence[Layout], modules: Sequence[str], rounds: int
-) -> dict[str, list[float]]:
+) -> dict[str, Samples]:
     env = isolated_env()
     for layout in layouts:
         check_origins(layout, modules, env)  # also brings every file into the page cache
-    samples: dict[str, list[float]] = {layout.name: [] for layout in layouts}
+    samples = {layout.name: Samples() for layout in layouts}
     for round_no in range(rounds):
         shift = round_no % len(layouts)
         for layout in [*layouts[shift:], *layouts[:shift]]:
             argv = layout.argv(modules)
+            cpu = _children_cpu()
             start = time.perf_counter()
             subprocess.run(argv, env=env, check=True)
-            samples[layout.name].append(time.perf_counter() - start)
+            samples[layout.name].wall.append(time.perf_counter() - start)
+            samples[layout.name].cpu.append(_children_cpu() - cpu)
         _progress(f"import round {round_no + 1}/{rounds}")
     return samples
 
@@ -243,28 +262,33 @@ class DedupeRow:
     linked: int
     bytes_saved: int
     blocks_saved: int
+    seconds: float | None = None  # of the real dedupe_tree runs, where measured
 
 
-def replay_dedupe(facts: Sequence[Sequence[dedupe.FileFact]]) -> list[DedupeRow]:
-    """Run the pure planner over the trees in order, per threshold: what each would link."""
-    rows: list[DedupeRow] = []
-    for threshold in THRESHOLDS:
-        index: dict[str, dedupe.IndexFact] = {}
-        candidates = linked = saved = blocks = 0
-        for tree_facts in facts:
-            kept = [f for f in tree_facts if f.size >= threshold]
-            candidates += len(kept)
-            for step in dedupe.plan_dedupe(kept, index):
-                if step.action == "link":
-                    linked += 1
-                    saved += step.size
-                    blocks += -(-step.size // BLOCK) * BLOCK
-            for f in kept:
-                index.setdefault(
-                    dedupe.index_name(f.digest, f.mode), dedupe.IndexFact(f.size, f.inode)
-                )
-        rows.append(DedupeRow(threshold, candidates, linked, saved, blocks))
-    return rows
+@dataclass(frozen=True)
+class DedupeFigures:
+    trees: int
+    hashing: float
+    rows: list[DedupeRow]
+    savings: int  # dedupe_savings after the run at the default threshold
+
+
+def replay_dedupe(facts: Sequence[Sequence[dedupe.FileFact]], threshold: int) -> DedupeRow:
+    """Run the pure planner over the trees in order: what ``threshold`` would link."""
+    index: dict[str, dedupe.IndexFact] = {}
+    candidates = linked = saved = blocks = 0
+    for tree_facts in facts:
+        kept = [f for f in tree_facts if f.size >= threshold]
+        candidates += len(kept)
+        for step in dedupe.plan_dedupe(kept, index):
+            if step.action == "link":
+                linked += 1
+                saved += step.size
+                blocks += -(-step.size // BLOCK) * BLOCK
+        for f in kept:
+            entry = dedupe.IndexFact(f.size, f.inode)
+            index.setdefault(dedupe.index_name(f.digest, f.mode), entry)
+    return DedupeRow(threshold, candidates, linked, saved, blocks)
 
 
 def copy_trees(target: StoreLayout, trees: Sequence[Tree]) -> list[Tree]:
@@ -279,22 +303,28 @@ def copy_trees(target: StoreLayout, trees: Sequence[Tree]) -> list[Tree]:
     return copies
 
 
-def measure_dedupe(
-    layout: StoreLayout, trees: Sequence[Tree]
-) -> tuple[float, list[DedupeRow], float, dedupe.DedupeResult, int]:
-    """(hash time, replayed rows, real dedupe time, its result, dedupe_savings)."""
+def measure_dedupe(work: Path, trees: Sequence[Tree]) -> DedupeFigures:
+    """Replay every threshold; run the real thing on fresh copies for :data:`TIMED_THRESHOLDS`."""
     start = time.perf_counter()
     facts = [dedupe.scan_files(t.site, 1) for t in trees]
     hashing = time.perf_counter() - start
-    rows = replay_dedupe(facts)
-    linked = saved = 0
-    start = time.perf_counter()
-    for tree in trees:
-        result = dedupe.dedupe_tree(layout, tree.site)
-        linked += result.files_linked
-        saved += result.bytes_saved
-    real = time.perf_counter() - start
-    return hashing, rows, real, dedupe.DedupeResult(linked, saved), dedupe.dedupe_savings(layout)
+    timed: dict[int, float] = {}
+    savings = 0
+    for threshold in TIMED_THRESHOLDS:
+        layout = StoreLayout(work / "dedupe-store")
+        copies = copy_trees(layout, trees)
+        try:
+            start = time.perf_counter()
+            for tree in copies:
+                dedupe.dedupe_tree(layout, tree.site, min_size=threshold)
+            timed[threshold] = time.perf_counter() - start
+            if threshold == dedupe.MIN_DEDUPE_SIZE:
+                savings = dedupe.dedupe_savings(layout)
+        finally:
+            remove_sealed(layout.root)
+        _progress(f"dedupe at {threshold} B: {timed[threshold]:.2f} s")
+    rows = [replace(replay_dedupe(facts, t), seconds=timed.get(t)) for t in THRESHOLDS]
+    return DedupeFigures(len(trees), hashing, rows, savings)
 
 
 # --- report --------------------------------------------------------------------------------
@@ -306,23 +336,26 @@ def _mb(n: int) -> str:
 
 def render(
     wheels: Sequence[Path],
-    imports: dict[str, list[float]],
+    imports: dict[str, Samples],
     yardstick: str,
     builds: dict[str, tuple[list[float], int]],
-    dedupe_figures: tuple[float, list[DedupeRow], float, dedupe.DedupeResult, int] | None,
-    neighbour_count: int,
+    dedupe_figures: DedupeFigures | None,
 ) -> str:
-    base = statistics.median(imports[yardstick])
+    base_wall = statistics.median(imports[yardstick].wall)
+    base_cpu = statistics.median(imports[yardstick].cpu)
     lines = [
         f"Sample: {len(wheels)} wheels; Python {sys.version.split()[0]}; "
-        f"{len(next(iter(imports.values())))} processes per layout.",
+        f"{len(imports[yardstick].wall)} processes per layout.",
         "",
-        "| layout | median | min | vs venv |",
-        "|---|---|---|---|",
+        "| layout | median wall | vs venv | median CPU | vs venv |",
+        "|---|---|---|---|---|",
     ]
     for name, values in imports.items():
-        median = statistics.median(values)
-        lines.append(f"| {name} | {median:.3f} s | {min(values):.3f} s | {median / base:.3f} |")
+        wall, cpu = statistics.median(values.wall), statistics.median(values.cpu)
+        lines.append(
+            f"| {name} | {wall:.3f} s | {wall / base_wall:.3f} | {cpu:.3f} s | "
+            f"{cpu / base_cpu:.3f} |"
+        )
     lines += ["", "| view build | median | min | entries in the view |", "|---|---|---|---|"]
     for mode, (seconds, count) in builds.items():
         lines.append(
@@ -330,26 +363,23 @@ def render(
             f"{min(seconds) * 1000:.0f} ms | {count} |"
         )
     if dedupe_figures is not None:
-        hashing, rows, real, result, savings = dedupe_figures
+        figures = dedupe_figures
         lines += [
             "",
-            f"Dedupe over the sample and {neighbour_count} neighbouring versions: hashing every "
-            f"file once took {hashing:.2f} s.",
+            f"Dedupe of {figures.trees} trees (the sample, then neighbouring versions of its "
+            f"projects); hashing every file once: {figures.hashing:.2f} s.",
             "",
-            "| threshold | files hashed | files linked | bytes saved | 4 KiB blocks saved |",
-            "|---|---|---|---|---|",
+            "| threshold | files hashed | files linked | bytes saved | 4 KiB blocks saved "
+            "| `dedupe_tree` of all trees |",
+            "|---|---|---|---|---|---|",
         ]
-        for row in rows:
+        for row in figures.rows:
+            took = "-" if row.seconds is None else f"{row.seconds:.2f} s"
             lines.append(
                 f"| {row.threshold} B | {row.candidates} | {row.linked} | "
-                f"{_mb(row.bytes_saved)} | {_mb(row.blocks_saved)} |"
+                f"{_mb(row.bytes_saved)} | {_mb(row.blocks_saved)} | {took} |"
             )
-        lines += [
-            "",
-            f"`dedupe_tree` over every tree at {dedupe.MIN_DEDUPE_SIZE} B: {real:.2f} s, "
-            f"{result.files_linked} files linked, {_mb(result.bytes_saved)} saved "
-            f"(`dedupe_savings`: {_mb(savings)}).",
-        ]
+        lines += ["", f"`dedupe_savings` after the default: {_mb(figures.savings)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -401,17 +431,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.no_dedupe:
         extra = neighbours(wheels, args.pool)
         all_trees = publish(store, [*wheels, *extra])
-        dedupe_store = StoreLayout(args.work_dir / "dedupe-store")
-        copies = copy_trees(dedupe_store, all_trees)
-        try:
-            dedupe_figures = measure_dedupe(dedupe_store, copies)
-        finally:
-            remove_sealed(dedupe_store.root)
+        dedupe_figures = measure_dedupe(args.work_dir, all_trees)
 
-    report = render(wheels, imports, layouts[0].name, builds, dedupe_figures, len(extra))
+    report = render(wheels, imports, layouts[0].name, builds, dedupe_figures)
     print(report)
     if args.json:
-        doc = {"imports": imports, "builds": {m: s for m, (s, _) in builds.items()}}
+        doc = {
+            "imports": {name: asdict(values) for name, values in imports.items()},
+            "builds": {mode: seconds for mode, (seconds, _) in builds.items()},
+        }
         args.json.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
 
 

@@ -195,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             owned = (config.socket_path, config.socket_path.lstat().st_ino)
         from cas_daemon.server import serve  # aiohttp: only once start-up checks passed
 
-        asyncio.run(serve(config, sock, notifier))
+        asyncio.run(serve(config, sock, notifier, access_log=ns.verbose))
     except WheelcasError as exc:
         print(f"wheelcas daemon: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -8,6 +8,13 @@ tree published later replaces its own copy by a link to that one.
 Executables are indexed under ``<sha256>.x``: every link to an inode shares its mode, so a
 file only ever links to an entry with its own mode, and sealed trees stay exactly as sealed.
 
+Every link to an inode shares its mtime too, and a ``.py`` file's mtime is what its ``.pyc``
+is checked against (timestamp-based bytecode, as ``compileall`` writes by default): a source
+linked to a copy with another mtime would make its bytecode stale for good, in a tree nobody
+can write, and every import would compile it again. So a ``.py`` file is only linked to an
+entry with the same mtime in whole seconds (what a ``.pyc`` records). Other files are linked
+whatever their mtime.
+
 Replacing a file is a ``link`` of the index entry to a temp name in ``tmp/`` and a ``rename``
 over the file: a reader opens either copy, both with the same bytes. The temp names start with
 the tree's staging prefix (``{sha256}.``), so the store's clean-up of a crashed process, done
@@ -51,6 +58,7 @@ class FileFact:
     mode: int  # permission bits
     inode: Inode
     digest: str  # sha256 of the content
+    mtime: int = 0  # whole seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +67,7 @@ class IndexFact:
 
     size: int
     inode: Inode
+    mtime: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +102,8 @@ def plan_dedupe(files: Sequence[FileFact], index: Mapping[str, IndexFact]) -> li
 
     A file whose content is not indexed becomes the entry (so duplicates within one tree are
     linked as well); one whose entry is already its own inode is done; one whose entry has
-    another size is left alone: the entry is damaged, and linking would change the file.
+    another size is left alone: the entry is damaged, and linking would change the file. A
+    ``.py`` file whose entry has another mtime is left alone too (see the module docstring).
     """
     known = dict(index)
     steps: list[DedupeStep] = []
@@ -102,10 +112,19 @@ def plan_dedupe(files: Sequence[FileFact], index: Mapping[str, IndexFact]) -> li
         entry = known.get(name)
         if entry is None:
             steps.append(DedupeStep("index", fact.path, name, fact.size))
-            known[name] = IndexFact(fact.size, fact.inode)
-        elif entry.inode != fact.inode and entry.size == fact.size:
+            known[name] = IndexFact(fact.size, fact.inode, fact.mtime)
+        elif entry.inode != fact.inode and entry.size == fact.size and _same_age(fact, entry):
             steps.append(DedupeStep("link", fact.path, name, fact.size))
     return steps
+
+
+def _mtime_matters(path: str) -> bool:
+    """Whether ``path`` is a source that bytecode may be checked against by its mtime."""
+    return path.endswith(".py")
+
+
+def _same_age(fact: FileFact, entry: IndexFact) -> bool:
+    return not _mtime_matters(fact.path) or entry.mtime == fact.mtime
 
 
 def shared_bytes(files: Iterable[tuple[Inode, int]]) -> int:
@@ -144,7 +163,8 @@ def scan_files(site_dir: Path, min_size: int) -> list[FileFact]:
             relpath = path[skip:]
             inode = (info.st_dev, info.st_ino)
             mode = stat.S_IMODE(info.st_mode)
-            facts.append(FileFact(relpath, info.st_size, mode, inode, _digest(path)))
+            digest = _digest(path)
+            facts.append(FileFact(relpath, info.st_size, mode, inode, digest, int(info.st_mtime)))
     return facts
 
 
@@ -161,7 +181,7 @@ def _lookup(layout: StoreLayout, names: Iterable[str]) -> dict[str, IndexFact]:
             info = os.lstat(_entry_path(index_dir, name))
         except FileNotFoundError:
             continue
-        found[name] = IndexFact(info.st_size, (info.st_dev, info.st_ino))
+        found[name] = IndexFact(info.st_size, (info.st_dev, info.st_ino), int(info.st_mtime))
     return found
 
 
@@ -212,6 +232,7 @@ def _replace_by_entry(layout: StoreLayout, path: Path, step: DedupeStep, staged:
             theirs.st_size == step.size == ours.st_size
             and (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino)
             and stat.S_IMODE(theirs.st_mode) == stat.S_IMODE(ours.st_mode)
+            and (not _mtime_matters(step.path) or int(theirs.st_mtime) == int(ours.st_mtime))
         )
         if fits:
             staged.rename(path)

@@ -44,7 +44,7 @@ from cas_daemon.service import (
     UploadRefused,
     parse_resolve_request,
 )
-from cas_daemon.store import Store
+from cas_daemon.store import Store, StoreStats
 from cas_daemon.systemd import Notifier
 from lockgen.errors import BundleError, InterpreterError, WheelcasError
 from lockgen.lockfile import sha256_hex
@@ -276,7 +276,7 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 
-def render_metrics(service: Service, stats: Any, leases: int, views: int) -> str:
+def render_metrics(service: Service, stats: StoreStats, leases: int, views: int) -> str:
     """Prometheus text exposition format (version 0.0.4)."""
     m = service.metrics
     families: list[tuple[str, str, str, list[tuple[str, int]]]] = [
@@ -332,7 +332,9 @@ def make_app(service: Service) -> web.Application:
     return app
 
 
-async def serve(config: DaemonConfig, sock: socket.socket, notifier: Notifier) -> None:
+async def serve(
+    config: DaemonConfig, sock: socket.socket, notifier: Notifier, *, access_log: bool = False
+) -> None:
     """Serve on ``sock`` until SIGTERM or SIGINT, then stop gracefully.
 
     Stopping: STOPPING=1, no new connections, in-flight requests get up to
@@ -343,8 +345,11 @@ async def serve(config: DaemonConfig, sock: socket.socket, notifier: Notifier) -
         StoreLayout(config.store_dir), max_parallel_downloads=config.max_parallel_downloads
     )
     service = await Service.open(config, store)
+    app = make_app(service)
     runner = web.AppRunner(
-        make_app(service), access_log=None, shutdown_timeout=config.shutdown_timeout
+        app,
+        access_log=logging.getLogger("wheelcas.access") if access_log else None,
+        shutdown_timeout=config.shutdown_timeout,
     )
     await runner.setup()
     stop = asyncio.Event()
@@ -367,6 +372,9 @@ async def serve(config: DaemonConfig, sock: socket.socket, notifier: Notifier) -
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await runner.cleanup()
+        orphans: set[asyncio.Task[None]] = app[TASKS]  # work whose client went away
+        if orphans:
+            await asyncio.wait(orphans, timeout=config.shutdown_timeout)
         await service.aclose()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
@@ -387,3 +395,5 @@ async def _periodic_gc(service: Service, interval: float) -> None:
             log.info("gc: %s", report.get("summary", report))
         except WheelcasError as exc:
             log.warning("gc: %s", exc)
+        except Exception:  # the next pass may work: a failed one must not end the task
+            log.exception("gc failed")

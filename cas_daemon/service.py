@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import time
@@ -44,6 +45,7 @@ from lockgen.lockfile import LockedDep, Sha256, sha256_hex
 log = logging.getLogger("wheelcas.daemon")
 _STATS_TTL_S = 10.0
 _MAX_DEPS = 20_000
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class BadRequest(WheelcasError):
@@ -252,6 +254,19 @@ class Uploads:
         (self.root / sha).mkdir(exist_ok=True)
         part.replace(self.root / sha / filename)
 
+    def about(self, exc: BaseException) -> str | None:
+        """The sha256 of the upload an error is about (a bundle that did not unpack), if any.
+
+        Such bytes are dropped: a compressed bundle can be wrong under the right sha256, and
+        the model dir it came from may be fixed before the next try.
+        """
+        root = f"{self.root}{os.sep}"
+        for name in ("source", "url", "path"):
+            value = getattr(exc, name, None)
+            if isinstance(value, str) and value.startswith(root):
+                return value[len(root) :].split(os.sep, 1)[0]
+        return None
+
     def forget(self, shas: Sequence[str]) -> None:
         for sha in shas:
             shutil.rmtree(self.root / sha, ignore_errors=True)
@@ -314,6 +329,7 @@ class Service:
         self._stats: tuple[float, StoreStats] | None = None
         self._last_event: ProgressEvent | None = None
         self._fetched: dict[str, int] = {}
+        self._conflicts: dict[str, WheelcasError] = {}
 
     @classmethod
     async def open(cls, config: DaemonConfig, store: Store) -> Service:
@@ -341,7 +357,9 @@ class Service:
             if dep.url is not None:
                 check_host(dep.url, self.config.allowed_hosts)
         spec = request.python
-        python = await asyncio.to_thread(self.interpreters.find, spec.cache_tag, spec.version)
+        python = self.interpreters.known().get(spec.cache_tag)
+        if python is None:  # probing interpreters runs them: not on the event loop
+            python = await asyncio.to_thread(self.interpreters.find, spec.cache_tag, spec.version)
         refs = tuple(self._ref(dep) for dep in request.deps)
         missing = {
             ref.sha256
@@ -391,14 +409,15 @@ class Service:
                     plan.refs, python=plan.python, progress=self._listener(on_event, readied)
                 )
                 await self._record_published(readied, tag)
-            bundled = [s for s, ref in unique.items() if ref.bundle_path is not None]
-            if bundled:
-                await asyncio.to_thread(self.uploads.forget, bundled)
+            await self._forget_uploads(plan)
             view, view_error = (None, None) if key is None else await self._view(plan, key)
             await self._record_use(shas, key if view is not None else None)
-        except BaseException:
+        except BaseException as exc:
             if lease is not None:
                 await self._drop_lease_record(lease)
+            bad = self.uploads.about(exc)
+            if bad is not None:  # its flight has failed: the next try uploads it afresh
+                await asyncio.shield(asyncio.to_thread(self.uploads.forget, [bad]))
             raise
         if prefetch:
             self.metrics.prefetches += 1
@@ -406,12 +425,26 @@ class Service:
             self.metrics.resolves += 1
         return Outcome(view, tuple(sites), lease, len(shas), already, view_error)
 
+    async def _forget_uploads(self, plan: Plan) -> None:
+        uploaded = [
+            ref.sha256
+            for ref in plan.refs
+            if ref.bundle_path is not None and (self.uploads.root / ref.sha256).exists()
+        ]
+        if uploaded:
+            await asyncio.to_thread(self.uploads.forget, uploaded)
+
     async def _view(self, plan: Plan, key: str) -> tuple[Path | None, WheelcasError | None]:
         """The view of the plan's trees (one sys.path entry); None and why if impossible.
 
         Wheels that clash (:class:`~cas_daemon.views.ViewConflict`) still load as separate
         site dirs, as they do in embedded mode; the client is told why there is no view.
         """
+        site = self.layout.view_site_dir(key)
+        if site.is_dir():  # the warm path: one stat, no thread, nothing to record
+            return site, None
+        if key in self._conflicts:  # known not to merge: not worth scanning the trees again
+            return None, self._conflicts[key]
         seen: dict[str, WheelRef] = {ref.sha256: ref for ref in plan.refs}
         entries = [(ref.filename, self.layout.site_dir(sha)) for sha, ref in seen.items()]
         mode: views.LinkMode = "symlink" if self.config.view_link_mode == "symlink" else "hardlink"
@@ -421,6 +454,7 @@ class Service:
             )
         except views.ViewConflict as exc:
             log.warning("no view for %d wheels: %s", len(entries), exc)
+            self._conflicts[key] = exc
             return None, exc
         if self.metadata is not None:
             await asyncio.to_thread(self.metadata.record_view, key, list(seen))
@@ -502,6 +536,9 @@ class Service:
 
     async def take_lease(self, peer: Peer, shas: Sequence[str], view: str | None) -> int:
         """A lease on trees (and a view the daemon returned) for the peer's process."""
+        for i, sha in enumerate(shas):
+            if not _SHA256.fullmatch(sha):
+                raise BadRequest(f"sha256s[{i}]", "is not a lower-case sha256 hex digest")
         key = None
         if view is not None:
             key = Path(view).parent.name

@@ -5,7 +5,9 @@ provides is linked whole; a directory that several trees provide (namespace pack
 ``nvidia/`` or ``google/``, the root ``__pycache__/`` of top-level modules) is made a real
 directory of the view and merged entry by entry. Identical files at one path are fine; two
 different ones are a :class:`ViewConflict`, since an installer would let one silently overwrite
-the other.
+the other. Bytecode is the exception: ``__pycache__/*.pyc`` of identical sources differ (each
+records its own tree's source mtime and path), so the first tree's is taken, as its source is,
+and the pair stays consistent. The sources are compared like any file.
 
 The work is split as everywhere in the store: :func:`plan_view` is pure and works on
 :class:`TreeListing` values; :func:`scan_trees` reads the disk lazily to make them (a directory
@@ -228,6 +230,11 @@ def with_children(listing: TreeListing, path: str, children: Mapping[str, Entry]
     return replace(listing, entries=put(listing.entries, path.split("/")))
 
 
+def _is_bytecode(path: str) -> bool:
+    parent, _, name = path.rpartition("/")
+    return name.endswith(".pyc") and parent.rpartition("/")[2] == "__pycache__"
+
+
 def _difference(first: Entry, other: Entry) -> str | None:
     """Why two entries at one path cannot be merged; None if they are (or may be) identical."""
     if first.kind != other.kind:
@@ -263,6 +270,8 @@ def plan_view(trees: Sequence[TreeListing]) -> ViewPlan:
         links.append(ViewLink(path, first_tree.root / path, first.kind))
         for index, entry in others:
             other_tree = trees[index]
+            if first.kind == entry.kind == "file" and _is_bytecode(path):
+                continue  # follows its source, the first tree's too (see the module docstring)
             detail = _difference(first, entry)
             if detail is not None:
                 clashes.append(Clash(path, first_tree.wheel, other_tree.wheel, detail))

@@ -11,6 +11,7 @@ from loader import embedded, syspath
 from loader.errors import ModelConfigError
 from loader.model import Model, ModelInfo, instantiate
 from loader.options import OptionValue, parse_runner_opts
+from loader.packages import DaemonChoice, ready_package_dirs
 from loader.semver import parse_requirement
 from lockgen.errors import InterpreterError
 
@@ -30,12 +31,16 @@ def load_unpacked(
     runner_compat_version: int | None = None,
     runner_opts: Mapping[str, OptionValue] | None = None,
     visible_device: str | int | None = None,
+    *,
+    daemon: DaemonChoice = None,
     **_pack_metadata: object,
 ) -> Model:
     """Lock if needed, make every locked wheel ready, assemble ``sys.path``, call the entrypoint.
 
-    Runs the model in this process (the embedded default). Pack-only arguments that Carton
-    accepts here (``model_name``, ``inputs``, ...) are accepted and ignored.
+    Runs the model in this process. Packages come from the daemon when one answers (``daemon``:
+    None picks automatically, True requires one, False never asks), else from the store this
+    process fills itself. Pack-only arguments that Carton accepts here (``model_name``,
+    ``inputs``, ...) are accepted and ignored.
     """
     del runner_compat_version  # accepted for Carton compatibility; one runner version here
     model_dir = Path(path).absolute()
@@ -57,7 +62,7 @@ def load_unpacked(
     options = parse_runner_opts(runner_opts)
     if not model_dir.is_dir():
         raise ModelConfigError(f"{model_dir} is not a directory; pass the model's code dir.")
-    dirs = embedded.package_dirs(model_dir)
+    dirs = ready_package_dirs(model_dir, daemon=daemon)
     plan = embedded.plan_for(model_dir, dirs)
     syspath.apply(plan)
     device = _visible_device_env(visible_device)

@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
     parser.add_argument("-q", "--quiet", action="store_true", help="only print errors")
+    parser.add_argument(
+        "--no-daemon",
+        action="store_true",
+        help="never ask a daemon: use the store from this process (sets WHEELCAS_SOCKET=off)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("lock", help="resolve requirements.txt into .carton/carton.lock")
@@ -80,6 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("path", help="print the model's PYTHONPATH (locking if needed)")
     p.add_argument("model_dir", type=Path, metavar="DIR")
     p.add_argument("--lines", action="store_true", help="one entry per line")
+
+    p = sub.add_parser(
+        "daemon", help="run the store daemon (same as `python -m cas_daemon`)", add_help=False
+    )
+    p.add_argument("daemon_args", nargs=argparse.REMAINDER)
+
+    sub.add_parser("status", help="the daemon's status, or the local store's statistics")
+
+    p = sub.add_parser("gc", help="remove what the store no longer needs")
+    p.add_argument("--dry-run", action="store_true", help="only print what would go, and why")
+    p.add_argument("--max-bytes", help="without a daemon: size limit, e.g. 20G")
+    p.add_argument("--max-age", help="without a daemon: age limit, e.g. 30d")
+
+    p = sub.add_parser("fsck", help="check the store; --repair rebuilds its index from disk")
+    p.add_argument("--repair", action="store_true")
     return parser
 
 
@@ -102,6 +122,12 @@ def _cmd_prefetch(ns: argparse.Namespace) -> int:
     from cas_daemon.progress import make_renderer
     from lockgen.interpreters import resolve_interpreter
 
+    if ns.python is None:
+        from loader.client import find_daemon
+
+        client = find_daemon()
+        if client is not None:
+            return _prefetch_with_daemon(client, ns.targets)
     python = resolve_interpreter(ns.python)
     total = len(collect_refs(ns.targets, python))
     with make_renderer(sys.stderr, total) as progress:
@@ -109,6 +135,36 @@ def _cmd_prefetch(ns: argparse.Namespace) -> int:
     print(
         f"{report.wheels} wheels ready ({report.readied} made ready now, "
         f"{report.already_ready} already ready)"
+    )
+    return 0
+
+
+def _prefetch_with_daemon(client: Any, targets: Sequence[Path]) -> int:
+    from cas_daemon.prefetch import (
+        NoMatchingEntryError,
+        locate_lockfile,
+        read_lockfile_at,
+        target_environment,
+    )
+    from cas_daemon.progress import make_renderer
+
+    environment = target_environment(sys.executable)
+    wheels = ready_before = 0
+    for target in targets:
+        path, model_dir = locate_lockfile(target)
+        lockfile = read_lockfile_at(path)
+        entry = lockfile.find_entry(environment)
+        if entry is None:
+            raise NoMatchingEntryError(
+                path, environment, [e.markers for e in lockfile.entries], sys.executable
+            )
+        with make_renderer(sys.stderr, len(entry.locked_deps)) as progress:
+            result = client.prefetch(model_dir, entry, progress=progress)
+        wheels += result.wheels
+        ready_before += result.already_ready
+    print(
+        f"{wheels} wheels ready in the daemon's store ({wheels - ready_before} made ready now, "
+        f"{ready_before} already ready)"
     )
     return 0
 
@@ -165,18 +221,124 @@ def _cmd_infer(ns: argparse.Namespace) -> int:
 
 def _cmd_path(ns: argparse.Namespace) -> int:
     from loader import embedded
+    from loader.packages import ready_package_dirs
 
     model_dir = ns.model_dir.absolute()
-    plan = embedded.plan_for(model_dir, embedded.package_dirs(model_dir))
+    # No lease: this process exits right away; the shell that uses the paths is not known.
+    dirs = ready_package_dirs(model_dir, lease=False)
+    plan = embedded.plan_for(model_dir, dirs)
     print(("\n" if ns.lines else os.pathsep).join(plan.entries))
     return 0
 
 
-_COMMANDS = {"lock": _cmd_lock, "prefetch": _cmd_prefetch, "infer": _cmd_infer, "path": _cmd_path}
+def _cmd_daemon(ns: argparse.Namespace) -> int:
+    from cas_daemon.__main__ import main as daemon_main
+
+    return daemon_main(ns.daemon_args)
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def _cmd_status(ns: argparse.Namespace) -> int:
+    from loader.client import find_daemon
+
+    client = find_daemon()
+    if client is not None:
+        _print_json({"daemon": str(client.socket_path), **client.status()})
+        return 0
+    from cas_daemon.store import Store
+
+    store = Store.open_default()
+    stats = store.stats()
+    _print_json(
+        {
+            "daemon": None,
+            "store": str(store.layout.root),
+            "blobs": stats.blobs,
+            "blob_bytes": stats.blob_bytes,
+            "trees": stats.trees,
+            "tree_bytes": stats.tree_bytes,
+        }
+    )
+    return 0
+
+
+def _cmd_gc(ns: argparse.Namespace) -> int:
+    from loader.client import find_daemon
+
+    client = find_daemon()
+    if client is not None:
+        if ns.max_bytes or ns.max_age:
+            raise ModelConfigError(
+                "--max-bytes/--max-age apply without a daemon; the daemon uses the limits "
+                "of its configuration (gc.max_bytes, gc.max_age)."
+            )
+        report = client.gc(dry_run=ns.dry_run)
+    else:
+        report = _local_gc(ns)
+    for line in report.get("lines", []):
+        print(line)
+    print(report.get("summary", ""))
+    return 0
+
+
+def _local_gc(ns: argparse.Namespace) -> dict[str, Any]:
+    import time
+
+    from cas_daemon.config import parse_duration, parse_size
+    from cas_daemon.gc import GcLimits, collect, human_bytes
+    from cas_daemon.layout import StoreLayout, default_store_root
+    from cas_daemon.metadata import Metadata
+
+    if not (ns.max_bytes or ns.max_age):
+        raise ModelConfigError("without a daemon, give a limit: --max-bytes 20G or --max-age 30d.")
+    limits = GcLimits(
+        parse_size(ns.max_bytes) if ns.max_bytes else None,
+        parse_duration(ns.max_age) if ns.max_age else None,
+    )
+    layout = StoreLayout(default_store_root())
+    metadata = Metadata.open(layout)
+    try:
+        plan, result = collect(layout, metadata, limits, dry_run=ns.dry_run, now=time.time())
+    finally:
+        metadata.close()
+    report: dict[str, Any] = {"lines": plan.lines()}
+    if result is not None:
+        report["summary"] = (
+            f"removed {len(result.removed)} items, freed {human_bytes(result.bytes_freed)}; "
+            f"{len(result.skipped)} skipped"
+        )
+    return report
+
+
+def _cmd_fsck(ns: argparse.Namespace) -> int:
+    from cas_daemon.layout import StoreLayout, default_store_root
+    from cas_daemon.metadata import fsck
+
+    report = fsck(StoreLayout(default_store_root()), repair=ns.repair)
+    for line in report.lines():
+        print(line)
+    return 0 if report.ok or ns.repair else 1
+
+
+_COMMANDS = {
+    "lock": _cmd_lock,
+    "prefetch": _cmd_prefetch,
+    "infer": _cmd_infer,
+    "path": _cmd_path,
+    "daemon": _cmd_daemon,
+    "status": _cmd_status,
+    "gc": _cmd_gc,
+    "fsck": _cmd_fsck,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    if ns.no_daemon:
+        os.environ["WHEELCAS_SOCKET"] = "off"  # children (the store fill) inherit it
     level = logging.WARNING if ns.quiet else logging.DEBUG if ns.verbose else logging.INFO
     logging.basicConfig(level=level, format="wheelcas: %(message)s", stream=sys.stderr)
     try:

@@ -52,7 +52,8 @@ _MAX_UPLOAD_ROUNDS = 3
 _CHUNK = 1 << 20
 _MAX_HEADER_LINES = 100
 _EVENT_KINDS = frozenset({"start", "bytes", "ready", "cached"})
-_ = (cas_daemon.errors, loader.errors)  # imported so that their classes can be raised by name
+#: Where the errors the client raises as their own class live (others: DaemonError).
+_ERROR_MODULES = frozenset({"lockgen.errors", cas_daemon.errors.__name__, loader.errors.__name__})
 
 
 class DaemonError(WheelcasError):
@@ -168,18 +169,19 @@ def _dep_json(dep: LockedDep) -> dict[str, Any]:
     return {"sha256": dep.sha256, "filename": dep.filename, "bundled": True}
 
 
-def _error_class(name: str, module: str) -> type[WheelcasError] | None:
-    """The loaded :class:`WheelcasError` subclass the daemon named, if this process has it."""
-    found: list[type[WheelcasError]] = []
+def _error_class(name: str) -> type[WheelcasError] | None:
+    """The class ``name`` among the errors of :data:`_ERROR_MODULES`, or None.
+
+    Only those modules, which this one imports itself: the class a caller gets must not
+    depend on what else happens to be imported in the process.
+    """
     pending: list[type[WheelcasError]] = [WheelcasError]
     while pending:
         cls = pending.pop()
-        if cls.__name__ == name:
-            if cls.__module__ == module:
-                return cls
-            found.append(cls)
+        if cls.__name__ == name and cls.__module__ in _ERROR_MODULES:
+            return cls
         pending.extend(cls.__subclasses__())
-    return found[0] if len(found) == 1 else None
+    return None
 
 
 def raise_error(body: object, status: int) -> NoReturn:
@@ -188,8 +190,8 @@ def raise_error(body: object, status: int) -> NoReturn:
     if not isinstance(error, dict):
         raise DaemonError(f"the wheelcas daemon answered HTTP {status} without an error body")
     name, message = str(error.get("type", "")), str(error.get("message", ""))
-    cls = _error_class(name, str(error.get("module", "")))
-    if cls is None or issubclass(cls, DaemonError):
+    cls = _error_class(name)
+    if cls is None:
         raise DaemonError(message, error_type=name, status=status)
     exc = cls.__new__(cls)
     Exception.__init__(exc, message)  # the daemon's text as is: the class's own __init__ varies

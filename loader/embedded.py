@@ -63,7 +63,7 @@ def fill_store_in_child(model_dir: Path) -> None:
     and becomes the error message if it fails.
     """
     # -I: a `loader` module in the working dir must not shadow ours.
-    argv = [sys.executable, "-I", "-m", "loader.cli", "prefetch", str(model_dir)]
+    argv = [sys.executable, "-I", "-m", "loader.cli", "--no-daemon", "prefetch", str(model_dir)]
     argv += ["--python", sys.executable]
     interactive = sys.stderr.isatty()
     done = subprocess.run(
@@ -81,12 +81,10 @@ def fill_store_in_child(model_dir: Path) -> None:
         )
 
 
-def package_dirs(
-    model_dir: Path, *, store: Store | None = None, pip_args: Sequence[str] = ()
-) -> list[Path]:
-    """The ready, unpacked package dirs of ``model_dir`` for this interpreter, in lock order."""
+def package_dirs(model_dir: Path, entry: LockEntry, *, store: Store | None = None) -> list[Path]:
+    """The ready, unpacked package dirs of ``entry`` for this interpreter, in lock order."""
     store = store or Store.open_default()
-    refs = wheel_refs(model_dir, locked_entry(model_dir, pip_args=pip_args))
+    refs = wheel_refs(model_dir, entry)
     cache_tag = sys.implementation.cache_tag or ""
     warm = store.warm_site_dirs(refs, cache_tag)
     if warm is None:
@@ -95,8 +93,8 @@ def package_dirs(
         warm = store.warm_site_dirs(refs, cache_tag)
     if warm is None:
         raise StoreError(
-            f"the store at {store.layout.root} has no ready tree for {model_dir} "
-            "after filling it; run `wheelcas prefetch DIR -v` to see why."
+            f"the store at {store.layout.root} has no ready tree for {model_dir} after "
+            "filling it; run `wheelcas prefetch DIR -v` to see why."
         )
     return warm
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import tomli_w
 
+from loader.client import DaemonClient
 from lockgen.errors import WheelcasError
 from lockgen.lockfile import (
     LockedDep,
@@ -30,7 +31,6 @@ from lockgen.lockfile import (
     sha256_hex,
     write_lockfile,
 )
-from loader.client import DaemonClient
 from tests.support.index import PackageIndex
 from tests.support.wheels import sha256_file
 

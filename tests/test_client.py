@@ -17,7 +17,6 @@ import pytest
 
 import loader.client as client_module
 from cas_daemon.errors import HashMismatch
-from lockgen.errors import LockfileError
 from loader.client import (
     DaemonClient,
     DaemonError,
@@ -26,6 +25,7 @@ from loader.client import (
     find_daemon,
     raise_error,
 )
+from lockgen.errors import LockfileError
 from tests.daemon_support import lock_model, running_daemon, url_dep
 from tests.support.index import PackageIndex
 from tests.support.wheels import build_wheel
@@ -68,7 +68,8 @@ def test_find_daemon_is_none_quickly_for_a_stale_or_mute_socket(
 def test_find_daemon_finds_a_running_daemon(short_tmp: Path, tmp_path: Path) -> None:
     with running_daemon(short_tmp, tmp_path / "store") as daemon:
         found = find_daemon({"WHEELCAS_SOCKET": str(daemon.socket_path)})
-        assert found is not None and found.socket_path == daemon.socket_path
+        assert found is not None
+        assert found.socket_path == daemon.socket_path
         assert find_daemon({"WHEELCAS_SOCKET": "off"}) is None
 
 

@@ -33,9 +33,10 @@ from cas_daemon.errors import HashMismatch
 from cas_daemon.layout import StoreLayout
 from cas_daemon.progress import ProgressEvent
 from cas_daemon.service import BadRequest, HostNotAllowed, check_host, parse_resolve_request
-from lockgen.bundle import bundle_filename, write_bundle
-from lockgen.lockfile import LockedDep, sha256_hex
 from loader.client import DaemonError, DaemonUnavailable, ResolveResult
+from lockgen.bundle import bundle_filename, write_bundle
+from lockgen.errors import WheelcasError
+from lockgen.lockfile import LockedDep, sha256_hex
 from tests.daemon_support import (
     Daemon,
     bundled_dep,
@@ -75,8 +76,9 @@ def _wait_for(condition: Callable[[], bool], timeout: float = 15.0, step: float 
 
 
 def _listdir(directory: Path) -> list[str]:
+    # Not files_under(): polled every few ms while thousands of files are written there.
     try:
-        return os.listdir(directory)
+        return [entry.name for entry in directory.iterdir()]
     except FileNotFoundError:
         return []
 
@@ -96,7 +98,8 @@ def _in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]
 
 
 def _import_from(entries: list[Path], module: str) -> str:
-    code = f"import sys; sys.path[:0] = {[str(e) for e in entries]!r}; import {module} as m; print(m.NAME)"
+    path = [str(e) for e in entries]
+    code = f"import sys; sys.path[:0] = {path!r}; import {module} as m; print(m.NAME)"
     done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
@@ -123,7 +126,8 @@ def test_cold_then_warm_resolve_serves_one_view(
     cold = client.resolve(model, entry)
     warm = client.resolve(model, entry)
 
-    assert cold.view is not None and cold.view == warm.view
+    assert cold.view is not None
+    assert cold.view == warm.view
     assert cold.view.is_relative_to(daemon.store)
     assert (cold.already_ready, warm.already_ready) == (0, 2)
     layout = StoreLayout(daemon.store)
@@ -187,7 +191,7 @@ def test_progress_streams_while_a_cold_resolve_works(
     daemon.client().resolve(tmp_path / "m", entry, progress=events.append)
     for wheel in wheels:
         kinds = [e.kind for e in events if e.name == wheel.name]
-        assert kinds[0] == "start" and kinds[-1] == "ready" and "bytes" in kinds, kinds
+        assert (kinds[0], kinds[-1], "bytes" in kinds) == ("start", "ready", True), kinds
     fetched = sum(e.nbytes for e in events if e.kind == "bytes")
     assert fetched == sum(w.stat().st_size for w in wheels)
 
@@ -396,9 +400,11 @@ def test_metrics_are_prometheus_text(
     assert values["wheelcas_resolves_total"] == 1
     assert values["wheelcas_downloads_total"] == 1
     assert values["wheelcas_fetched_bytes_total"] == wheel.stat().st_size
-    assert values["wheelcas_store_trees"] == 1 and values["wheelcas_store_views"] == 1
+    assert values["wheelcas_store_trees"] == 1
+    assert values["wheelcas_store_views"] == 1
     assert types["wheelcas_cache_hits_total"] == "counter"
-    assert types["wheelcas_leases"] == "gauge" and types["wheelcas_store_bytes"] == "gauge"
+    assert types["wheelcas_leases"] == "gauge"
+    assert types["wheelcas_store_bytes"] == "gauge"
 
 
 @pytest.mark.parametrize(("mode", "expected"), [(None, 0o660), ("0600", 0o600)])
@@ -434,7 +440,8 @@ def test_gc_keeps_what_a_live_lease_holds(
         plan = client.gc(dry_run=True)
         assert plan["dry_run"] is True
         planned = {(r["kind"], r["label"]) for r in plan["plan"]["removals"]}
-        assert ("tree", dropped.name) in planned and ("tree", kept.name) not in planned
+        assert ("tree", dropped.name) in planned
+        assert ("tree", kept.name) not in planned
         assert layout.tree_dir(sha256_file(dropped)).exists()  # a dry run removes nothing
 
         client.gc(dry_run=False)
@@ -538,7 +545,8 @@ def test_configuration_errors_name_the_key(tmp_path: Path, text: str, key: str) 
     file.write_text(text)
     with pytest.raises(ConfigError) as caught:
         load_config(file, environ={})
-    assert caught.value.key == key and "docs/daemon.md" in str(caught.value)
+    assert caught.value.key == key
+    assert "docs/daemon.md" in str(caught.value)
 
 
 def test_every_setting_is_documented() -> None:
@@ -567,7 +575,8 @@ def test_only_http_urls_on_allowed_hosts_pass() -> None:
 def test_resolve_requests_are_validated() -> None:
     good = {"sha256": "a" * 64, "url": "https://h/x-1.0-py3-none-any.whl"}
     request = parse_resolve_request({"deps": [good], "python": {"cache_tag": "cpython-311"}})
-    assert request.deps[0].filename == "x-1.0-py3-none-any.whl" and not request.lease
+    assert request.deps[0].filename == "x-1.0-py3-none-any.whl"
+    assert not request.lease
     bad_deps = [
         ({"sha256": "A" * 64, "url": "u"}, "deps[0].sha256"),
         ({"sha256": "a" * 64, "bundled": True, "filename": "../x.whl"}, "deps[0].filename"),
@@ -586,3 +595,33 @@ def test_no_interpreter_says_how_to_configure_one() -> None:
     assert known.find(TAG) == sys.executable  # its own, without probing anything
     with pytest.raises(NoInterpreter, match=r"cpython-399.*python\.interpreters"):
         known.find("cpython-399", "3.99.0")
+
+
+def test_a_bundle_that_does_not_unpack_is_not_kept(
+    daemon: Daemon, wheel_dir: Path, tmp_path: Path
+) -> None:
+    (wheel,) = _wheels(wheel_dir, "chi")
+    bundle = tmp_path / bundle_filename(wheel.name)
+    write_bundle(wheel, bundle)
+    data = bytearray(bundle.read_bytes())
+    data[-20] ^= 0xFF  # in the compressed members: the header still names the right sha256
+    bundle.write_bytes(bytes(data))
+    model = tmp_path / "m"
+    entry = lock_model(model, [bundled_dep(model, bundle, sha256_file(wheel))])
+    with pytest.raises(WheelcasError, match=r"refusing to unpack|RECORD|corrupt"):
+        daemon.client().resolve(model, entry)
+    assert not StoreLayout(daemon.store).tree_dir(sha256_file(wheel)).exists()
+    assert files_under(daemon.tmp_dir / "uploads") == []  # the next try uploads it afresh
+
+
+def test_an_upload_over_the_limit_is_refused(
+    short_tmp: Path, store: Path, wheel_dir: Path, tmp_path: Path
+) -> None:
+    (wheel,) = _wheels(wheel_dir, "psi")
+    model = tmp_path / "m"
+    entry = lock_model(model, [bundled_dep(model, wheel)])
+    with running_daemon(short_tmp, store, settings={"uploads": {"max_bytes": 100}}) as daemon:
+        with pytest.raises(DaemonError) as caught:
+            daemon.client().resolve(model, entry)
+        assert (caught.value.error_type, caught.value.status) == ("UploadRefused", 413)
+        assert "uploads.max_bytes" in str(caught.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 import subprocess
 import sys
@@ -24,15 +25,15 @@ from cas_daemon.dedupe import (
     shared_bytes,
 )
 from cas_daemon.layout import StoreLayout
-from cas_daemon.precompile import remove_sealed, seal_read_only
+from cas_daemon.precompile import compile_tree, remove_sealed, seal_read_only
 
 # --- the pure part ------------------------------------------------------------------------
 
 
 def fact(
-    path: str, digest: str, *, size: int = 2000, inode: int = 1, mode: int = 0o444
+    path: str, digest: str, *, size: int = 2000, inode: int = 1, mode: int = 0o444, mtime: int = 0
 ) -> FileFact:
-    return FileFact(path, size, mode, (1, inode), digest)
+    return FileFact(path, size, mode, (1, inode), digest, mtime)
 
 
 def test_new_content_is_indexed_and_a_second_copy_in_the_tree_linked() -> None:
@@ -70,6 +71,16 @@ def test_executables_have_their_own_index_entries() -> None:
     ]
 
 
+def test_a_source_is_only_linked_to_a_copy_of_the_same_age() -> None:
+    # Its .pyc records its mtime: a link to an older copy would make the bytecode stale.
+    files = [fact("m.py", "d1", inode=2, mtime=100), fact("m.so", "d2", inode=3, mtime=100)]
+    index = {"d1": IndexFact(2000, (1, 1), mtime=99), "d2": IndexFact(2000, (1, 4), mtime=99)}
+
+    assert plan_dedupe(files, index) == [DedupeStep("link", "m.so", "d2", 2000)]
+    index["d1"] = IndexFact(2000, (1, 1), mtime=100)
+    assert plan_dedupe(files, index)[0] == DedupeStep("link", "m.py", "d1", 2000)
+
+
 def test_shared_bytes_counts_every_extra_path_to_an_inode() -> None:
     assert shared_bytes([((1, 1), 100), ((1, 2), 50), ((1, 1), 100), ((1, 1), 100)]) == 200
     assert shared_bytes([]) == 0
@@ -87,23 +98,42 @@ def layout(tmp_path: Path) -> StoreLayout:
     return StoreLayout(tmp_path / "store")
 
 
+MTIME = 1_700_000_000
+
+
 def make_tree(
     layout: StoreLayout,
     sha: str,
     files: Mapping[str, str],
     *,
     executable: frozenset[str] = frozenset(),
+    mtime: int = MTIME,
+    compile: bool = False,
 ) -> Path:
-    """A sealed tree in the store, as publishing leaves it."""
+    """A sealed tree in the store, as publishing leaves it; every file dated ``mtime``."""
     site = layout.site_dir(sha * 64)
     for relpath, text in files.items():
         path = site / relpath
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
+        os.utime(path, (mtime, mtime))
         if relpath in executable:
             path.chmod(0o755)
+    if compile:
+        compile_tree(site, sys.executable, display_dir=site)
     seal_read_only(site)
     return site
+
+
+def loads_bytecode(site: Path, module: str) -> bool:
+    """Whether ``import module`` from ``site`` uses the tree's ``.pyc`` (``-v`` tells)."""
+    pyc = site / f"{module.replace('.', '/')}".rpartition("/")[0] / "__pycache__"
+    pyc = pyc / f"{module.rpartition('.')[2]}.{sys.implementation.cache_tag}.pyc"
+    code = f"import sys; sys.path.insert(0, {str(site)!r}); import {module}"
+    argv = [sys.executable, "-I", "-B", "-v", "-c", code]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    return f"# code object from '{pyc}'" in done.stderr.splitlines()
 
 
 def inode(path: Path) -> int:
@@ -159,19 +189,34 @@ def test_min_size_is_configurable(layout: StoreLayout) -> None:
     assert inode(new / "m.py") == inode(old / "m.py")
 
 
-def test_modules_import_from_a_deduped_tree(layout: StoreLayout) -> None:
+def test_modules_import_from_a_deduped_tree_with_their_bytecode(layout: StoreLayout) -> None:
     source = BIG + "def answer():\n    return 42\n"
-    old = make_tree(layout, "a", {"pkg/__init__.py": "", "pkg/core.py": source})
-    new = make_tree(layout, "b", {"pkg/__init__.py": "", "pkg/core.py": source})
+    files = {"pkg/__init__.py": "", "pkg/core.py": source, "pkg/table.txt": BIG}
+    old = make_tree(layout, "a", files, compile=True)
+    new = make_tree(layout, "b", files, compile=True)
     dedupe_tree(layout, old)
-    assert dedupe_tree(layout, new).files_linked == 1
+    assert dedupe_tree(layout, new).files_linked == 2  # core.py and table.txt
+    assert inode(new / "pkg/core.py") == inode(old / "pkg/core.py")
 
+    assert loads_bytecode(new, "pkg.core")
     code = (
         f"import sys; sys.path.insert(0, {str(new)!r}); import pkg.core; print(pkg.core.answer())"
     )
-    done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-I", "-B", "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "42\n"
+
+
+def test_a_source_of_another_age_keeps_its_own_copy(layout: StoreLayout) -> None:
+    files = {"pkg/__init__.py": "", "pkg/core.py": BIG, "pkg/table.txt": BIG}
+    old = make_tree(layout, "a", files, compile=True)
+    new = make_tree(layout, "b", files, mtime=MTIME + 60, compile=True)
+    dedupe_tree(layout, old)
+
+    assert dedupe_tree(layout, new) == DedupeResult(1, len(BIG))  # only table.txt
+
+    assert inode(new / "pkg/core.py") != inode(old / "pkg/core.py")
+    assert loads_bytecode(new, "pkg.core")
 
 
 def test_a_pruned_entry_is_replaced_by_the_next_copy(layout: StoreLayout) -> None:

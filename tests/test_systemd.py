@@ -177,7 +177,8 @@ def test_units_say_what_the_daemon_relies_on() -> None:
         "RuntimeDirectoryPreserve=yes",
     ):
         assert f"\n{line}\n" in service, line
-    assert "\nWatchdogSec=" in service and "\nUser=wheelcas\n" in service
+    assert "\nWatchdogSec=" in service
+    assert "\nUser=wheelcas\n" in service
     socket_unit = (UNITS / "wheelcas.socket").read_text()
     assert "\nListenStream=/run/wheelcas/wheelcas.sock\n" in socket_unit
     assert "\nSocketMode=0660\n" in socket_unit

@@ -120,6 +120,22 @@ def test_same_inode_is_identical_same_size_must_be_compared() -> None:
     )
 
 
+def test_bytecode_at_one_path_follows_the_first_tree_unchecked() -> None:
+    cache = {"m.cpython-311.pyc": file(100)}
+    a = listing("a.whl", {"ns": folder({"m.py": file(5, 1), "__pycache__": folder(cache)})})
+    cache = {"m.cpython-311.pyc": file(120)}
+    b = listing("b.whl", {"ns": folder({"m.py": file(5, 1), "__pycache__": folder(cache)})})
+
+    plan = plan_view([a, b])
+
+    assert plan.dirs == ("ns", "ns/__pycache__")
+    assert [(link.path, link.source) for link in plan.links] == [
+        ("ns/__pycache__/m.cpython-311.pyc", source("a.whl", "ns/__pycache__/m.cpython-311.pyc")),
+        ("ns/m.py", source("a.whl", "ns/m.py")),
+    ]
+    assert plan.checks == ()
+
+
 def test_different_files_at_one_path_are_a_conflict_naming_both_wheels() -> None:
     a = listing("a-1.0-py3-none-any.whl", {"ns": folder({"x.py": file(5), "d": folder()})})
     b = listing("b-1.0-py3-none-any.whl", {"ns": folder({"x.py": file(6), "d": file()})})
@@ -210,11 +226,20 @@ def publish(layout: StoreLayout, tmp_path: Path) -> Publish:
     return make
 
 
-def run_python(path: Path, code: str) -> str:
-    argv = [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(path)!r})\n{code}"]
+def run_python(path: Path, code: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    """``code`` in a fresh interpreter with ``path`` first on sys.path; ``-B``: tests run as
+    root, who could write ``.pyc`` into sealed trees, and ``-I`` ignores the environment."""
+    prelude = f"import sys; sys.path.insert(0, {str(path)!r})\n"
+    argv = [sys.executable, "-I", "-B", *flags, "-c", prelude + code]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
-    return done.stdout
+    return done
+
+
+def bytecode_used(path: Path, module: str, pyc: str) -> bool:
+    """Whether importing ``module`` from ``path`` loads ``path / pyc`` (``-v`` says so)."""
+    trace = run_python(path, f"import {module}", "-v").stderr
+    return f"# code object from '{path / pyc}'" in trace.splitlines()
 
 
 def key_of(*published: tuple[str, Path, str]) -> str:
@@ -238,7 +263,7 @@ def test_namespace_package_imports_through_the_view(
     assert not (site / "nspkg").is_symlink()
     assert sorted(p.name for p in (site / "nspkg").iterdir()) == ["a", "b"]
     out = run_python(site, "import nspkg.a, nspkg.b; print(nspkg.a.NAME + nspkg.b.NAME)")
-    assert out == "ab\n"
+    assert out.stdout == "ab\n"
 
 
 @pytest.fixture(params=MODES)
@@ -289,15 +314,28 @@ def test_the_view_is_sealed_and_reused_by_key(
     assert list(layout.tmp_dir.iterdir()) == []
 
 
-def test_identical_files_at_one_path_are_fine(publish: Publish, layout: StoreLayout) -> None:
-    shared = "# the same bytes in both wheels\n"
-    a = publish("alpha", files={"alpha/__init__.py": "", "common/util.py": shared})
-    b = publish("beta", files={"beta/__init__.py": "", "common/util.py": shared})
+def test_identical_files_at_one_path_are_fine_and_keep_their_bytecode(
+    publish: Publish, layout: StoreLayout, mode: LinkMode
+) -> None:
+    # An old-style namespace __init__.py, byte for byte the same in both wheels; their .pyc
+    # differ (each records its own tree), which must not count as a conflict.
+    shared = "__path__ = __import__('pkgutil').extend_path(__path__, __name__)\n"
+    files_a = {"common/__init__.py": shared, "common/a.py": "A = 1\n"}
+    files_b = {"common/__init__.py": shared, "common/b.py": "B = 2\n"}
+    a = publish("alpha", files=files_a, compile=True)
+    b = publish("beta", files=files_b, compile=True)
+    pyc = f"common/__pycache__/__init__.{TAG}.pyc"
+    assert (a[1] / pyc).read_bytes() != (b[1] / pyc).read_bytes()
 
-    site = ensure_view(layout, entries_of(a, b), key_of(a, b), link_mode="hardlink")
+    site = ensure_view(layout, entries_of(a, b), key_of(a, b), link_mode=mode)
 
-    assert (site / "common/util.py").read_text() == shared
-    assert (site / "common/util.py").stat().st_ino == (a[1] / "common/util.py").stat().st_ino
+    assert (site / "common/__init__.py").read_text() == shared
+    assert (site / "common/__init__.py").resolve().stat().st_ino == (
+        (a[1] / "common/__init__.py").stat().st_ino
+    )
+    assert (site / pyc).read_bytes() == (a[1] / pyc).read_bytes()  # the source's own
+    assert bytecode_used(site, "common", pyc)
+    assert run_python(site, "import common.a, common.b").returncode == 0
 
 
 @pytest.mark.parametrize("other", ["X = 2\n", "X = 22222\n"], ids=["same-size", "other-size"])
@@ -399,7 +437,7 @@ def test_a_symlink_view_survives_moving_the_store(
     layout.root.rename(moved.root)
 
     out = run_python(moved.view_site_dir(key), "import alpha, beta; print(alpha.NAME, beta.NAME)")
-    assert out == "alpha beta\n"
+    assert out.stdout == "alpha beta\n"
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
@@ -431,4 +469,4 @@ def test_a_hardlink_view_keeps_rpaths_across_wheels_working(
         import ctypes
         print(ctypes.CDLL({str(site / "pkga/lib/liba.so")!r}).a())
     """)
-    assert run_python(site, code) == "43\n"
+    assert run_python(site, code).stdout == "43\n"
