@@ -83,7 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with IndexProcess(mirror.wheels_dir, own=args.own_index) as index:
             session = Session(settings=settings, mirror=mirror, index=index, work=work, log=log)
-            rows = [run_figure(session, ALL_FIGURES[name]) for name in names]
+            try:
+                rows = [run_figure(session, ALL_FIGURES[name]) for name in names]
+            finally:
+                session.close()  # daemons and extra index servers end with the run
     finally:
         if args.keep_work:
             print(f"scratch kept in {work}", file=sys.stderr)

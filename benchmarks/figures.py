@@ -14,9 +14,9 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from benchmarks import measures
+from benchmarks import daemon_measures, measures
 from benchmarks import wheelcas_adapter as wc
-from benchmarks.report import Outcome, Row, Target, format_seconds, judged
+from benchmarks.report import Outcome, Row, Target, Unit, format_seconds, format_value, judged
 from benchmarks.session import Session
 
 Measure = Callable[[Session], float]
@@ -32,6 +32,15 @@ TARGETS: dict[str, Target] = {
     # Locking an already-locked model dir: no pip, a hash and a read.
     "lock_unchanged": Target(max_seconds=0.020),
     "lock_unchanged_fresh": Target(max_seconds=0.020),
+    # The daemon issue's targets. Warm: p50 under 5 ms and at least 50x faster than uv
+    # linking a warm cache into a new venv.
+    "daemon_warm": Target(max_seconds=0.005, max_ratio=1 / 50),
+    "daemon_warm_lockfile": Target(max_seconds=0.005, max_ratio=1 / 50),
+    # Cold: at most half of uv's cold sync with .pyc.
+    "daemon_cold": Target(max_ratio=0.5),
+    # One merged directory imports as fast as a venv, within 2 %.
+    "view_import": Target(max_ratio=1.02),
+    "view_import_appended": Target(max_ratio=1.02),
 }
 
 
@@ -41,6 +50,7 @@ class Yardstick:
     what: str
     measure: Measure
     cheap: bool = False
+    unit: Unit = "s"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,6 +61,9 @@ class Figure:
     yardstick: Yardstick | None = None
     needs: tuple[str, ...] = ()
     cheap: bool = False
+    #: One sample is enough: the figure is a count (bytes), not a time.
+    single: bool = False
+    unit: Unit = "s"
 
 
 UV_COLD = Yardstick(
@@ -68,6 +81,12 @@ PIP_IMPORT = Yardstick(
     name="pip_import",
     what="R40 imports, pip venv with .pyc",
     measure=measures.pip_import,
+)
+VENVS_BYTES = Yardstick(
+    name="venvs_bytes",
+    what="disk bytes of the 3 models' venvs (uv pip sync --link-mode=copy --compile-bytecode)",
+    measure=daemon_measures.venvs_bytes,
+    unit="B",
 )
 
 WHEELCAS_FIGURES: tuple[Figure, ...] = (
@@ -114,11 +133,75 @@ WHEELCAS_FIGURES: tuple[Figure, ...] = (
         needs=("lock",),
         cheap=True,
     ),
+    Figure(
+        name="daemon_cold",
+        what="(e) cold R40 through a fresh daemon, empty store: client process until its "
+        "resolve returns the view, every tree with .pyc",
+        measure=daemon_measures.daemon_cold,
+        yardstick=UV_COLD,
+        needs=("daemon",),
+    ),
+    Figure(
+        name="daemon_warm",
+        what=f"(f) warm resolve via the daemon, lockfile parsed: resolve + sys.path plan/apply, "
+        f"median of {daemon_measures.WARM_CALLS} calls in one client process",
+        measure=daemon_measures.daemon_warm,
+        yardstick=UV_WARM,
+        needs=("daemon",),
+        cheap=True,
+    ),
+    Figure(
+        name="daemon_warm_lockfile",
+        what="(f') the same, reading and parsing the lockfile in every call",
+        measure=daemon_measures.daemon_warm_lockfile,
+        yardstick=UV_WARM,
+        needs=("daemon",),
+        cheap=True,
+    ),
+    Figure(
+        name="daemon_warm_concurrent",
+        what=f"(f'') warm resolves from {daemon_measures.CONCURRENT_PROCESSES} client processes "
+        f"at once, {daemon_measures.CONCURRENT_CALLS} each: median over all calls",
+        measure=daemon_measures.daemon_warm_concurrent,
+        needs=("daemon",),
+    ),
+    Figure(
+        name="view_import",
+        what="(g) R40 imports from the daemon's view, loader's order (model dir, view, "
+        "before the stdlib)",
+        measure=daemon_measures.view_import,
+        yardstick=PIP_IMPORT,
+        needs=("daemon",),
+    ),
+    Figure(
+        name="view_import_appended",
+        what="(g') R40 imports from the daemon's view appended after the stdlib",
+        measure=daemon_measures.view_import_appended,
+        yardstick=PIP_IMPORT,
+        needs=("daemon",),
+    ),
+    Figure(
+        name="store_bytes",
+        what="(h) disk bytes of the daemon's store holding 3 models that share most of R40 "
+        "(views included; each inode once)",
+        measure=daemon_measures.store_bytes,
+        yardstick=VENVS_BYTES,
+        needs=("daemon",),
+        single=True,
+        unit="B",
+    ),
 )
 
 YARDSTICK_FIGURES: tuple[Figure, ...] = tuple(
-    Figure(name=y.name, what=y.what, measure=y.measure, cheap=y.cheap)
-    for y in (UV_COLD, UV_WARM, PIP_IMPORT)
+    Figure(
+        name=y.name,
+        what=y.what,
+        measure=y.measure,
+        cheap=y.cheap,
+        single=y.unit == "B",
+        unit=y.unit,
+    )
+    for y in (UV_COLD, UV_WARM, PIP_IMPORT, VENVS_BYTES)
 )
 
 ALL_FIGURES: dict[str, Figure] = {f.name: f for f in (*WHEELCAS_FIGURES, *YARDSTICK_FIGURES)}
@@ -130,11 +213,13 @@ def _progress(text: str) -> None:
     sys.stderr.flush()
 
 
-def _sample(session: Session, name: str, measure: Measure, i: int, n: int) -> float:
-    seconds = measure(session)
-    session.samples.setdefault(name, []).append(seconds)
-    _progress(f"  {name} {i + 1}/{n}: {format_seconds(seconds)}")
-    return seconds
+def _sample(
+    session: Session, name: str, measure: Measure, i: int, n: int, unit: Unit = "s"
+) -> float:
+    value = measure(session)
+    session.samples.setdefault(name, []).append(value)
+    _progress(f"  {name} {i + 1}/{n}: {format_value(value, unit)}")
+    return value
 
 
 def run_figure(session: Session, figure: Figure) -> Row:
@@ -145,7 +230,7 @@ def run_figure(session: Session, figure: Figure) -> Row:
     shown alone reuses the samples other figures took of it in this run.
     """
     settings = session.settings
-    n = settings.cheap_runs if figure.cheap else settings.runs
+    n = 1 if figure.single else settings.cheap_runs if figure.cheap else settings.runs
     yardstick = figure.yardstick
     absent = [m for capability in figure.needs for m in wc.missing(capability)]
     _progress(f"{figure.name}: {figure.what}")
@@ -154,17 +239,18 @@ def run_figure(session: Session, figure: Figure) -> Row:
         what=figure.what,
         yardstick=yardstick.what if yardstick else None,
         target=TARGETS.get(figure.name, Target()),
+        unit=figure.unit,
     )
     mine: list[float] = list(session.samples.get(figure.name, []))
     theirs: list[float] = []
     try:
         for i in range(len(mine), n):
             if yardstick is not None and i % 2 == 0:
-                theirs.append(_sample(session, yardstick.name, yardstick.measure, i, n))
+                theirs.append(_sample(session, yardstick.name, yardstick.measure, i, n, row.unit))
             if not absent:
-                mine.append(_sample(session, figure.name, figure.measure, i, n))
+                mine.append(_sample(session, figure.name, figure.measure, i, n, row.unit))
             if yardstick is not None and i % 2 == 1:
-                theirs.append(_sample(session, yardstick.name, yardstick.measure, i, n))
+                theirs.append(_sample(session, yardstick.name, yardstick.measure, i, n, row.unit))
     except Exception as exc:
         traceback.print_exc()
         extra = f"error: {exc}"[:300]
@@ -184,7 +270,11 @@ def _finish(
     outcome: Outcome | None = None,
     extra: str = "",
 ) -> Row:
-    notes = [*_inner_note(row.name, session.inner.get(row.name, [])), *([extra] if extra else [])]
+    notes = [
+        *_inner_note(row.name, session.inner.get(row.name, [])),
+        *session.notes.get(row.name, []),
+        *([extra] if extra else []),
+    ]
     done = replace(row, samples=tuple(mine), yardstick_samples=tuple(theirs), notes=tuple(notes))
     return judged(done) if outcome is None else replace(done, outcome=outcome)
 

@@ -16,28 +16,36 @@ from typing import Literal
 from benchmarks.procs import REPO_ROOT, run, tool_version, uv_binary
 
 Outcome = Literal["pass", "FAIL", "info", "skipped", "error"]
+Unit = Literal["s", "B"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Target:
-    """Either ``ratio <= max_ratio`` against the yardstick, or ``median <= max_seconds``."""
+    """``ratio <= max_ratio`` against the yardstick, ``median <= max_seconds``, or both.
+
+    With both, the figure passes only if both hold (of those that could be computed).
+    """
 
     max_ratio: float | None = None
     max_seconds: float | None = None
 
     def describe(self) -> str:
-        if self.max_ratio is not None:
-            return f"ratio ≤ {self.max_ratio:g}"
+        parts: list[str] = []
         if self.max_seconds is not None:
-            return f"≤ {format_seconds(self.max_seconds)}"
-        return "-"
+            parts.append(f"≤ {format_seconds(self.max_seconds)}")
+        if self.max_ratio is not None:
+            parts.append(f"ratio ≤ {self.max_ratio:g}")
+        return " and ".join(parts) or "-"
 
     def judge(self, median: float | None, ratio: float | None) -> Outcome:
+        checks: list[bool] = []
         if self.max_ratio is not None and ratio is not None:
-            return "pass" if ratio <= self.max_ratio else "FAIL"
+            checks.append(ratio <= self.max_ratio)
         if self.max_seconds is not None and median is not None:
-            return "pass" if median <= self.max_seconds else "FAIL"
-        return "info"
+            checks.append(median <= self.max_seconds)
+        if not checks:
+            return "info"
+        return "pass" if all(checks) else "FAIL"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,6 +58,8 @@ class Row:
     target: Target = field(default_factory=Target)
     outcome: Outcome = "info"
     notes: tuple[str, ...] = ()
+    #: What the samples count: seconds (every timed figure) or bytes (disk usage figures).
+    unit: Unit = "s"
 
     @property
     def median(self) -> float | None:
@@ -80,6 +90,29 @@ def format_seconds(value: float | None) -> str:
     if value < 1.0:
         return f"{value * 1000:.1f} ms" if value < 0.1 else f"{value * 1000:.0f} ms"
     return f"{value:.2f} s"
+
+
+def format_bytes(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 1e9:
+        return f"{value / 1e9:.2f} GB"
+    if value >= 1e6:
+        return f"{value / 1e6:.1f} MB"
+    return f"{value / 1e3:.1f} kB"
+
+
+def format_ratio(ratio: float | None) -> str:
+    """Two decimals; below 0.1 two significant digits and how many times faster (1/N)."""
+    if ratio is None:
+        return "-"
+    if ratio >= 0.1 or ratio <= 0:
+        return f"{ratio:.2f}"
+    return f"{ratio:.2g} (1/{1 / ratio:.0f})"
+
+
+def format_value(value: float | None, unit: Unit) -> str:
+    return format_bytes(value) if unit == "B" else format_seconds(value)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -133,7 +166,7 @@ def render(rows: Sequence[Row], machine: Machine, runs: int, preamble: Sequence[
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        ratio = f"{row.ratio:.2f}" if row.ratio is not None else "-"
+        ratio = format_ratio(row.ratio)
         lines.append(
             "| "
             + " | ".join(
@@ -141,9 +174,9 @@ def render(rows: Sequence[Row], machine: Machine, runs: int, preamble: Sequence[
                 for c in (
                     row.name,
                     row.what,
-                    format_seconds(row.median),
+                    format_value(row.median, row.unit),
                     row.yardstick or "-",
-                    format_seconds(row.yardstick_median),
+                    format_value(row.yardstick_median, row.unit),
                     ratio,
                     row.target.describe(),
                     row.outcome,

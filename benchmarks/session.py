@@ -46,7 +46,12 @@ class Session:
     samples: dict[str, list[float]] = field(default_factory=dict)
     #: name -> the in-process part of each sample, where the measured process reports one.
     inner: dict[str, list[float]] = field(default_factory=dict)
+    #: name -> notes for the figure's row, rewritten by its measure after each sample.
+    notes: dict[str, list[str]] = field(default_factory=dict)
+    #: Fixtures that are not a path (an index server's URLs, ...), by name; made once a run.
+    resources: dict[str, object] = field(default_factory=dict)
     _memo: dict[str, Path] = field(default_factory=dict)
+    _closers: list[Callable[[], None]] = field(default_factory=list)
 
     # --- scratch ---------------------------------------------------------------------------
 
@@ -67,6 +72,22 @@ class Session:
 
     def inner_sample(self, name: str, seconds: float) -> None:
         self.inner.setdefault(name, []).append(seconds)
+
+    def on_close(self, close: Callable[[], None]) -> None:
+        """Run ``close`` when the run ends (daemons, index servers: no process outlives it)."""
+        self._closers.append(close)
+
+    def close(self) -> None:
+        """Run every ``on_close`` callback, last registered first; each one runs whatever
+        the others raise (the first error is raised at the end)."""
+        failure: BaseException | None = None
+        while self._closers:
+            try:
+                self._closers.pop()()
+            except BaseException as exc:  # the others must still run
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     # --- inputs ----------------------------------------------------------------------------
 

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -217,6 +219,50 @@ def time_imports(
     return samples
 
 
+def imported_files(layout: Layout, modules: Sequence[str], env: dict[str, str]) -> list[str]:
+    """The ``__file__`` of every module the imports load from ``layout``, relative to it."""
+    code = (
+        "import json; print(json.dumps([getattr(m, '__file__', None) "
+        "for m in list(sys.modules.values())]))"
+    )
+    argv = [*layout.argv(modules)[:-1], layout.argv(modules)[-1] + "\n" + code]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
+    root = layout.entries[0] + "/"
+    return sorted(f[len(root) :] for f in json.loads(out.stdout) if f and f.startswith(root))
+
+
+def _bytecode_of(path: str) -> str | None:
+    """The ``.pyc`` of a source; None for an extension module or a source without one."""
+    if not path.endswith(".py"):
+        return None
+    pyc = importlib.util.cache_from_source(path)
+    return pyc if Path(pyc).exists() else None
+
+
+def time_lookups(roots: dict[str, list[str]], passes: int) -> dict[str, float]:
+    """Per layout: the best of ``passes`` of what the import system asks the kernel per module.
+
+    For each module file: ``stat`` of its dir (the path finder does it on every lookup),
+    ``stat`` of the file and ``open`` of its ``.pyc``; paths given as the import system
+    gives them, under the layout's entry. In-process and repeated, so the cost of resolving
+    paths through the layout shows without the noise of starting processes.
+    """
+    best: dict[str, float] = {}
+    for name, paths in roots.items():
+        triples = [(os.path.dirname(p), p, _bytecode_of(p)) for p in paths]  # noqa: PTH120
+        times: list[float] = []
+        for _ in range(passes):
+            start = time.perf_counter()
+            for directory, path, pyc in triples:
+                os.stat(directory)  # noqa: PTH116
+                os.stat(path)  # noqa: PTH116
+                if pyc is not None:
+                    os.close(os.open(pyc, os.O_RDONLY))
+            times.append(time.perf_counter() - start)
+        best[name] = min(times)
+    return best
+
+
 # --- building views -------------------------------------------------------------------------
 
 
@@ -383,6 +429,24 @@ def render(
     return "\n".join(lines) + "\n"
 
 
+def render_lookups(lookups: dict[str, float], modules: int) -> str:
+    base = lookups["venv"]
+    lines = [
+        "",
+        f"Kernel lookups for the {modules} module files the imports load (stat of the dir and "
+        "the file, open of the .pyc), best of the passes:",
+        "",
+        "| layout | all modules | per module | vs venv |",
+        "|---|---|---|---|",
+    ]
+    for name, seconds in lookups.items():
+        lines.append(
+            f"| {name} | {seconds * 1000:.2f} ms | {seconds / modules * 1e6:.2f} µs | "
+            f"{seconds / base:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _default_sample() -> list[Path]:
     if R40_WHEELS.is_dir():
         return sorted(R40_WHEELS.glob("*.whl"))
@@ -399,6 +463,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK, help="kept between runs")
     parser.add_argument("--rounds", type=int, default=11, help="processes per layout (>= 7)")
     parser.add_argument("--builds", type=int, default=5, help="builds per view kind")
+    parser.add_argument("--lookup-passes", type=int, default=200, help="of the lookup figure")
     parser.add_argument("--no-dedupe", action="store_true", help="skip the dedupe figures")
     parser.add_argument("--json", type=Path, help="also write every sample here")
     return parser
@@ -410,7 +475,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     modules = [m for m in IMPORTS if any(_project(w) == _module_project(m) for w in wheels)]
     store = StoreLayout(args.work_dir / "store")
     trees = publish(store, wheels)
-    venv_site = make_venv_like(args.work_dir / "venv-site", wheels)
+    # As deep as a view (store/v1/views/<key>/site): paths as long, lookups comparable.
+    venv_site = make_venv_like(args.work_dir / "venv/v1/views" / ("0" * 64) / "site", wheels)
 
     builds = time_builds(store, trees, args.builds)
     sym_site = build_once(store, trees, "symlink")
@@ -420,11 +486,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         Layout("venv: site-packages after the stdlib", (str(venv_site),), append=True),
         Layout("venv: site-packages before the stdlib", (str(venv_site),)),
         Layout("view, hard links, before the stdlib", (str(hard_site),)),
-        Layout("view, hard links, after the stdlib", (str(hard_site),), append=True),
         Layout("view, symlinks, before the stdlib", (str(sym_site),)),
         Layout(f"one entry per tree ({len(per_tree)}), before the stdlib", per_tree),
     ]
     imports = time_imports(layouts, modules, args.rounds)
+    files = imported_files(layouts[0], modules, isolated_env())
+    owner = {rel: t.site for t in trees for rel in files if (t.site / rel).exists()}
+    lookups = time_lookups(
+        {
+            "venv": [f"{venv_site}/{rel}" for rel in files],
+            "view, hard links": [f"{hard_site}/{rel}" for rel in files],
+            "view, symlinks": [f"{sym_site}/{rel}" for rel in files],
+            "one entry per tree": [f"{owner[rel]}/{rel}" for rel in files],
+        },
+        args.lookup_passes,
+    )
 
     dedupe_figures = None
     extra: list[Path] = []
@@ -434,6 +510,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         dedupe_figures = measure_dedupe(args.work_dir, all_trees)
 
     report = render(wheels, imports, layouts[0].name, builds, dedupe_figures)
+    report += render_lookups(lookups, len(files))
     print(report)
     if args.json:
         doc = {

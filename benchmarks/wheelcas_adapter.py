@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, MutableSequence, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +31,7 @@ from lockgen.lockfile import (
 
 if TYPE_CHECKING:
     from cas_daemon.store import Store, WheelRef
+    from loader.client import DaemonClient, ResolveResult
 
 #: The modules each capability needs (the store's cold path imports the last three lazily).
 _NEEDS: Mapping[str, tuple[str, ...]] = {
@@ -42,6 +43,7 @@ _NEEDS: Mapping[str, tuple[str, ...]] = {
     ),
     "lock": ("lockgen.lock",),
     "loader": ("loader.syspath",),
+    "daemon": ("cas_daemon.server", "cas_daemon.service", "loader.client", "loader.syspath"),
 }
 
 
@@ -80,15 +82,20 @@ def write_model_dir(
     write_lockfile(model_dir, build_lockfile(model_dir, deps))
 
 
-def locked_deps(model_dir: Path) -> tuple[LockedDep, ...]:
-    """The locked wheels of ``model_dir`` for the running interpreter (read from disk)."""
+def lock_entry(model_dir: Path) -> LockEntry:
+    """Read and parse ``model_dir``'s lockfile; its entry for the running interpreter."""
     lockfile = read_lockfile(model_dir)
     if lockfile is None:
         raise RuntimeError(f"{model_dir} has no lockfile")
     entry = lockfile.find_entry(current_environment())
     if entry is None:
         raise RuntimeError(f"{model_dir}'s lockfile has no entry for this interpreter")
-    return entry.locked_deps
+    return entry
+
+
+def locked_deps(model_dir: Path) -> tuple[LockedDep, ...]:
+    """The locked wheels of ``model_dir`` for the running interpreter (read from disk)."""
+    return lock_entry(model_dir).locked_deps
 
 
 # --- the store ------------------------------------------------------------------------------
@@ -129,6 +136,62 @@ def trees_missing_pyc(store_root: Path, shas: Sequence[str], cache_tag: str) -> 
 
     layout = StoreLayout(store_root)
     return [s for s in shas if not layout.pyc_marker(s, cache_tag).exists()]
+
+
+def store_parts(store_root: Path) -> list[tuple[str, Path]]:
+    """The store's parts whose disk usage is reported apart: (label, dir), in that order."""
+    from cas_daemon.layout import StoreLayout
+
+    layout = StoreLayout(store_root)
+    return [
+        ("blobs", layout.blobs_dir),
+        ("trees", layout.trees_dir),
+        ("views", layout.views_dir),
+        ("dedupe index", layout.dedupe_dir),
+    ]
+
+
+def dedupe_savings(store_root: Path) -> int | None:
+    """``cas_daemon.dedupe.dedupe_savings`` of the store; None if that module lacks it."""
+    from cas_daemon.layout import StoreLayout
+
+    try:
+        from cas_daemon.dedupe import dedupe_savings as savings
+    except ImportError:
+        return None
+    return savings(StoreLayout(store_root))
+
+
+# --- the daemon's client: what a loader does with a daemon -----------------------------------
+
+
+def daemon_client(socket_path: Path) -> DaemonClient:
+    from loader.client import DaemonClient
+
+    return DaemonClient(socket_path)
+
+
+def resolve_and_apply(
+    client: DaemonClient,
+    model_dir: Path,
+    entry: LockEntry,
+    *,
+    lease: bool,
+    path: MutableSequence[str],
+    environ: MutableMapping[str, str],
+) -> ResolveResult:
+    """Ask the daemon for ``entry``'s ready paths and apply the loader's ``sys.path`` plan to
+    ``path`` and ``environ`` (throwaway copies: the calling process's own are left alone).
+
+    The same steps as the loader's (``ready_package_dirs`` then ``plan_sys_path`` and
+    ``apply``): the view (or site dirs), scanned for ``.pth`` files, after the model dir.
+    """
+    from loader.syspath import apply, plan_sys_path, scan_package_dir
+
+    result = client.resolve(model_dir, entry, lease=lease)
+    plan = plan_sys_path(str(model_dir), [scan_package_dir(p) for p in result.package_dirs])
+    apply(plan, path=path, environ=environ)
+    return result
 
 
 # --- the locker -----------------------------------------------------------------------------

@@ -72,7 +72,6 @@ class DaemonConfig:
     watch_model_dirs: tuple[Path, ...] = ()  # reserved: read and kept, not acted upon yet
     shutdown_timeout: float = 30.0
     upload_max_bytes: int = 4 * 2**30
-    accept_compressed_bundles: bool = True
     system: bool = False
 
 
@@ -199,7 +198,6 @@ SETTINGS: dict[tuple[str, str], tuple[str, Any]] = {
     ("watch", "model_dirs"): ("watch_model_dirs", _paths),
     ("server", "shutdown_timeout"): ("shutdown_timeout", parse_duration),
     ("uploads", "max_bytes"): ("upload_max_bytes", parse_size),
-    ("uploads", "accept_compressed_bundles"): ("accept_compressed_bundles", _boolean),
 }
 
 

@@ -19,15 +19,10 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from cas_daemon import leases
+from cas_daemon.diskscan import index_tree, index_view, scan_disk
+from cas_daemon.fsck import try_flock
 from cas_daemon.layout import StoreLayout
-from cas_daemon.metadata import (
-    IsAlive,
-    Metadata,
-    index_tree,
-    index_view,
-    scan_disk,
-    try_flock,
-)
+from cas_daemon.metadata import IsAlive, Metadata
 from cas_daemon.precompile import remove_sealed
 
 ItemKind = Literal["view", "tree", "blob"]

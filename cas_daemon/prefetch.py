@@ -102,7 +102,7 @@ def target_environment(python: str) -> dict[str, str]:
 
 
 def collect_refs(targets: Sequence[Path], python: str = sys.executable) -> list[WheelRef]:
-    """The wheels ``targets`` lock for ``python``, each sha256 once, in first-seen order.
+    """The wheels ``targets`` lock for ``python``, each store key once, in first-seen order.
 
     Every target is checked before anything is fetched, so a bad one fails fast.
     """
@@ -117,7 +117,8 @@ def collect_refs(targets: Sequence[Path], python: str = sys.executable) -> list[
                 path, environment, [e.markers for e in lockfile.entries], python
             )
         for dep in entry.locked_deps:
-            refs.setdefault(dep.sha256, WheelRef.from_locked_dep(dep, model_dir))
+            ref = WheelRef.from_locked_dep(dep, model_dir)
+            refs.setdefault(ref.sha256, ref)  # by store key: two models' bundles may differ
     return list(refs.values())
 
 

@@ -31,19 +31,18 @@ from cas_daemon.errors import (
 )
 from cas_daemon.layout import StoreLayout
 from cas_daemon.progress import ProgressEvent
-from cas_daemon.service import (
+from cas_daemon.protocol import (
     BadRequest,
     HostNotAllowed,
     LeaseNotFound,
     MissingBundles,
     NotPermitted,
-    Outcome,
     Peer,
-    Service,
     Unavailable,
     UploadRefused,
     parse_resolve_request,
 )
+from cas_daemon.service import Outcome, Service
 from cas_daemon.store import Store, StoreStats
 from cas_daemon.systemd import Notifier
 from lockgen.errors import BundleError, InterpreterError, WheelcasError

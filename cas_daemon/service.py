@@ -5,10 +5,11 @@ every request, so the store's single flight covers all clients: any number of re
 wheel share one download and one unpack.
 
 Trust boundary: requests come from any user who may open the socket. So the daemon never
-opens a path a client names (bundled wheels arrive as bytes, :class:`Uploads`), never runs an
-interpreter a client names (it compiles with one it found itself whose cache tag matches,
-:class:`~cas_daemon.config.KnownInterpreters`), and fetches only http(s) URLs on the allowed
-index hosts (:func:`check_host`).
+opens a path a client names (bundled wheels arrive as bytes,
+:class:`~cas_daemon.uploads.Uploads`), never runs an interpreter a client names (it compiles
+with one it found itself whose cache tag matches, :class:`~cas_daemon.config.KnownInterpreters`),
+and fetches only http(s) URLs on the allowed index hosts (:func:`~cas_daemon.protocol.check_host`).
+Requests are parsed and checked in :mod:`cas_daemon.protocol`.
 
 The other store modules are called from one place each: metadata from the ``_record``
 methods, views from :meth:`Service._view`, gc from :meth:`Service.gc`.
@@ -17,264 +18,41 @@ methods, views from :meth:`Service._view`, gc from :meth:`Service.gc`.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
-import re
-import secrets
-import shutil
 import time
-import urllib.parse
 from collections import Counter
 from collections.abc import AsyncIterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from cas_daemon import views
 from cas_daemon.config import DaemonConfig, KnownInterpreters
-from cas_daemon.errors import HashMismatch, StoreError
-from cas_daemon.layout import StoreLayout
+from cas_daemon.diskscan import measure_tree
+from cas_daemon.errors import StoreError
 from cas_daemon.leases import process_start_time
-from cas_daemon.metadata import Metadata, measure_tree
+from cas_daemon.metadata import Metadata
 from cas_daemon.progress import ProgressCallback, ProgressEvent
+from cas_daemon.protocol import (
+    BadRequest,
+    DepSpec,
+    LeaseNotFound,
+    MissingBundles,
+    NotPermitted,
+    Peer,
+    ResolveRequest,
+    Unavailable,
+    check_host,
+    check_sha256s,
+)
 from cas_daemon.store import Store, StoreStats, WheelRef
+from cas_daemon.uploads import Uploads
 from lockgen.errors import WheelcasError
-from lockgen.lockfile import LockedDep, Sha256, sha256_hex
+from lockgen.lockfile import Sha256
 
 log = logging.getLogger("wheelcas.daemon")
 _STATS_TTL_S = 10.0
-_MAX_DEPS = 20_000
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-class BadRequest(WheelcasError):
-    """A request body that is not what the API takes; names the field at fault."""
-
-    def __init__(self, where: str, problem: str) -> None:
-        self.where = where
-        super().__init__(f"bad request: `{where}` {problem} (see docs/api.md)")
-
-
-class HostNotAllowed(WheelcasError):
-    """A dep URL not on an allowed index host: refused, never fetched."""
-
-    def __init__(self, url: str, host: str, allowed: Sequence[str]) -> None:
-        self.url = url
-        self.host = host
-        super().__init__(
-            f"the wheelcas daemon refuses to download {url}: its host {host!r} is not one of "
-            f"the allowed index hosts ({', '.join(allowed) or 'none'}). If that index is "
-            "trusted, add it to `fetch.allowed_hosts` in the daemon's configuration "
-            "(docs/daemon.md) and restart the daemon."
-        )
-
-
-class MissingBundles(WheelcasError):
-    """Bundled wheels the daemon has neither published nor received: upload, then retry."""
-
-    def __init__(self, shas: Sequence[str]) -> None:
-        self.missing_bundles = list(shas)
-        super().__init__(f"{len(shas)} bundled wheel(s) must be uploaded first")
-
-
-class UploadRefused(WheelcasError):
-    """An upload the daemon will not take (too large, a bad name, a refused format)."""
-
-
-class LeaseNotFound(WheelcasError):
-    def __init__(self, lease_id: int) -> None:
-        self.lease_id = lease_id
-        super().__init__(f"no lease {lease_id} (it was released, or its process ended)")
-
-
-class NotPermitted(WheelcasError):
-    """A request about something that belongs to another user's process."""
-
-
-class Unavailable(WheelcasError):
-    """A feature this daemon cannot offer right now (a module or the index is missing)."""
-
-
-@dataclass(frozen=True, slots=True)
-class PythonSpec:
-    cache_tag: str
-    version: str
-    implementation: str
-
-
-@dataclass(frozen=True, slots=True)
-class DepSpec:
-    sha256: Sha256
-    filename: str
-    url: str | None  # None: a bundled wheel, uploaded as bytes
-
-
-@dataclass(frozen=True, slots=True)
-class ResolveRequest:
-    deps: tuple[DepSpec, ...]
-    python: PythonSpec
-    lease: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Peer:
-    """The process at the other end of the socket, as the kernel says (``SO_PEERCRED``)."""
-
-    pid: int
-    uid: int
-    gid: int
-
-
-def _field(data: dict[str, Any], key: str, kind: type, where: str) -> Any:
-    value = data.get(key)
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise BadRequest(f"{where}.{key}" if where else key, f"must be a {kind.__name__}")
-    return value
-
-
-def check_filename(name: str, where: str) -> str:
-    if not name or name in (".", "..") or "/" in name or "\0" in name or len(name) > 255:
-        raise BadRequest(where, f"is not a plain file name: {name!r}")
-    return name
-
-
-def parse_resolve_request(data: object) -> ResolveRequest:
-    """Validate a ``/v1/resolve`` (or ``/v1/prefetch``) body: see docs/api.md."""
-    if not isinstance(data, dict):
-        raise BadRequest("(body)", "must be a JSON object")
-    raw_deps = _field(data, "deps", list, "")
-    if len(raw_deps) > _MAX_DEPS:
-        raise BadRequest("deps", f"has more than {_MAX_DEPS} entries")
-    deps = []
-    for i, raw in enumerate(raw_deps):
-        where = f"deps[{i}]"
-        if not isinstance(raw, dict):
-            raise BadRequest(where, "must be an object")
-        try:
-            sha = sha256_hex(_field(raw, "sha256", str, where))
-        except ValueError:
-            raise BadRequest(f"{where}.sha256", "is not a lower-case sha256 hex digest") from None
-        if raw.get("bundled") is True:
-            filename = check_filename(_field(raw, "filename", str, where), f"{where}.filename")
-            deps.append(DepSpec(sha, filename, None))
-        else:
-            url = _field(raw, "url", str, where)
-            deps.append(DepSpec(sha, LockedDep(sha256=sha, url=url).filename, url))
-    py = _field(data, "python", dict, "")
-    python = PythonSpec(
-        cache_tag=_field(py, "cache_tag", str, "python"),
-        version=str(py.get("version", "")),
-        implementation=str(py.get("implementation", "")),
-    )
-    lease = data.get("lease", False)
-    if not isinstance(lease, bool):
-        raise BadRequest("lease", "must be true or false")
-    return ResolveRequest(tuple(deps), python, lease)
-
-
-def check_host(url: str, allowed: Sequence[str]) -> None:
-    """Refuse a URL unless it is http(s) on an allowed host (``host`` or ``host:port``).
-
-    ``file://`` and other schemes are refused too: a daemon reading local files for a client
-    would tell the client the sha256 of files it may not read itself.
-    """
-    from cas_daemon.fetch import redact_url
-
-    parts = urllib.parse.urlsplit(url)
-    try:
-        host = (parts.hostname or "").lower()
-        netloc = f"{host}:{parts.port}" if parts.port is not None else host
-    except ValueError:  # a port that is not a number
-        host = netloc = ""
-    if parts.scheme not in ("http", "https") or not host or not {host, netloc} & set(allowed):
-        raise HostNotAllowed(redact_url(url), netloc or f"({parts.scheme or 'no'} URL)", allowed)
-
-
-class Uploads:
-    """Bundled wheels received as bytes, in ``tmp/uploads/{sha256}/{name}`` until published.
-
-    Verified on arrival, as the store checks a bundle in a model dir: a plain ``.whl`` must
-    hash to its sha256; a compressed bundle's header must name it (its members are checked
-    against RECORD when unpacked). The directory is the daemon's alone (it holds the store's
-    daemon lock), so start-up empties it; its name is not a sha256, so the store's own
-    leftover sweeps never touch it.
-    """
-
-    def __init__(self, layout: StoreLayout, *, max_bytes: int, accept_compressed: bool) -> None:
-        self.root = layout.tmp_dir / "uploads"
-        self.max_bytes = max_bytes
-        self.accept_compressed = accept_compressed
-
-    def path_for(self, sha: str, filename: str) -> Path:
-        """Where the upload of ``sha`` is (whatever name it came with), or would be."""
-        directory = self.root / sha
-        try:
-            return min(directory.iterdir())
-        except (FileNotFoundError, ValueError):
-            return directory / filename
-
-    async def receive(self, sha: Sha256, filename: str, body: AsyncIterable[bytes]) -> int:
-        """Store the upload of ``sha``, hashed while written; its size."""
-        check_filename(filename, "X-Wheelcas-Filename")
-        self.root.mkdir(parents=True, exist_ok=True)
-        part = self.root / f"{sha}.{secrets.token_hex(8)}.part"
-        handle = await asyncio.to_thread(part.open, "xb")
-        digest, size = hashlib.sha256(), 0
-        try:
-            async for chunk in body:
-                size += len(chunk)
-                if size > self.max_bytes:
-                    raise UploadRefused(
-                        f"the upload of {filename} exceeds {self.max_bytes} bytes "
-                        "(`uploads.max_bytes` in the daemon's configuration)"
-                    )
-                await asyncio.to_thread(_write, handle, digest, chunk)
-            await asyncio.to_thread(handle.close)
-            await asyncio.to_thread(self._keep, part, sha, filename, digest.hexdigest())
-        finally:
-            handle.close()
-            part.unlink(missing_ok=True)
-        return size
-
-    def _keep(self, part: Path, sha: str, filename: str, digest: str) -> None:
-        from lockgen.bundle import is_bundle, read_bundle_header
-
-        actual = digest
-        if is_bundle(part):
-            if not self.accept_compressed:
-                raise UploadRefused(
-                    f"this daemon does not accept compressed bundles ({filename}; "
-                    "`uploads.accept_compressed_bundles` is false). Re-lock the model with "
-                    "`wheelcas lock DIR --bundle-format whl`."
-                )
-            actual = read_bundle_header(part).wheel_sha256
-        if actual != sha:
-            raise HashMismatch(f"the uploaded bundled wheel {filename}", sha, actual)
-        (self.root / sha).mkdir(exist_ok=True)
-        part.replace(self.root / sha / filename)
-
-    def about(self, exc: BaseException) -> str | None:
-        """The sha256 of the upload an error is about (a bundle that did not unpack), if any.
-
-        Such bytes are dropped: a compressed bundle can be wrong under the right sha256, and
-        the model dir it came from may be fixed before the next try.
-        """
-        root = f"{self.root}{os.sep}"
-        for name in ("source", "url", "path"):
-            value = getattr(exc, name, None)
-            if isinstance(value, str) and value.startswith(root):
-                return value[len(root) :].split(os.sep, 1)[0]
-        return None
-
-    def forget(self, shas: Sequence[str]) -> None:
-        for sha in shas:
-            shutil.rmtree(self.root / sha, ignore_errors=True)
-
-
-def _write(handle: IO[bytes], digest: Any, chunk: bytes) -> None:
-    handle.write(chunk)
-    digest.update(chunk)
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,11 +99,7 @@ class Service:
         self.metrics = Metrics()
         self.started = time.time()
         self.interpreters = KnownInterpreters(config.interpreters, config.discover_interpreters)
-        self.uploads = Uploads(
-            store.layout,
-            max_bytes=config.upload_max_bytes,
-            accept_compressed=config.accept_compressed_bundles,
-        )
+        self.uploads = Uploads(store.layout, max_bytes=config.upload_max_bytes)
         self._stats: tuple[float, StoreStats] | None = None
         self._last_event: ProgressEvent | None = None
         self._fetched: dict[str, int] = {}
@@ -373,10 +147,18 @@ class Service:
         return Plan(request, refs, python)
 
     def _ref(self, dep: DepSpec) -> WheelRef:
+        """The store's ref of a dep: a bundled one by its key, its bytes from the uploads.
+
+        The key is the sha256 of the bytes (a compressed bundle's own, never the wheel's it
+        claims to be), checked on upload and again before unpacking: whoever sent them, the
+        tree under a key is what the bytes with that sha256 unpack to.
+        """
         if dep.url is not None:
             return WheelRef(dep.sha256, dep.filename, url=dep.url)
-        path = self.uploads.path_for(dep.sha256, dep.filename)
-        return WheelRef(dep.sha256, dep.filename, bundle_path=path)
+        key = dep.key
+        path = self.uploads.path_for(key, dep.filename)
+        locked = None if key == dep.sha256 else dep.sha256
+        return WheelRef(key, dep.filename, bundle_path=path, locked_sha256=locked)
 
     async def execute(
         self,
@@ -536,9 +318,7 @@ class Service:
 
     async def take_lease(self, peer: Peer, shas: Sequence[str], view: str | None) -> int:
         """A lease on trees (and a view the daemon returned) for the peer's process."""
-        for i, sha in enumerate(shas):
-            if not _SHA256.fullmatch(sha):
-                raise BadRequest(f"sha256s[{i}]", "is not a lower-case sha256 hex digest")
+        check_sha256s(shas, "sha256s")
         key = None
         if view is not None:
             key = Path(view).parent.name

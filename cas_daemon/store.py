@@ -9,10 +9,10 @@ cold path imports asyncio, aiohttp, unpacking and compiling itself.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import fcntl
 import functools
-import hashlib
 import os
 import secrets
 import sys
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar
 
+from cas_daemon.bundle_keys import DigestCache, sha256_file
 from cas_daemon.errors import HashMismatch, StoreError
 from cas_daemon.layout import StoreLayout, default_store_root
 from cas_daemon.progress import EventKind, ProgressCallback, ProgressEvent
@@ -31,8 +32,10 @@ if TYPE_CHECKING:
     # asyncio costs ~30 ms to import and the warm path never needs it: the cold-path
     # functions import it themselves.
     import asyncio
+    from types import TracebackType
 
     from cas_daemon.fetch import Downloader
+    from cas_daemon.precompile import CompilerPools
     from cas_daemon.unpack import UnpackLimits
 
 P = ParamSpec("P")
@@ -49,25 +52,49 @@ _LOCK_POLL_MAX = 0.1
 
 @dataclass(frozen=True, slots=True)
 class WheelRef:
-    """Where one locked wheel's bytes come from: an index URL or a file in the model dir."""
+    """Where one locked wheel's bytes come from (an index URL or a bundled file), and its key.
+
+    ``sha256`` is the store key, the name of the tree: the sha256 of the bytes the tree is
+    unpacked from, which the store checks before unpacking them. For a URL and for a plain
+    bundled ``.whl`` it is the lock's sha256. For a compressed bundle it is the bundle file's,
+    and ``locked_sha256`` keeps the lock's (of the original wheel), which the bundle's header
+    must name. Why, and how a bundle's key is found cheaply: :mod:`cas_daemon.bundle_keys`.
+    """
 
     sha256: Sha256
     filename: str
     url: str | None = None
     bundle_path: Path | None = None
+    locked_sha256: Sha256 | None = None  # None: the same as sha256
 
     def __post_init__(self) -> None:
         if (self.url is None) == (self.bundle_path is None):
             raise ValueError("a WheelRef has exactly one of url and bundle_path")
         if self.bundle_path is not None and not self.bundle_path.is_absolute():
             raise ValueError(f"bundle_path must be absolute: {self.bundle_path}")
+        if self.locked_sha256 is not None and self.bundle_path is None:
+            raise ValueError("only a bundled file has a key other than the lock's sha256")
+
+    @property
+    def wheel_sha256(self) -> Sha256:
+        """The lock's sha256: that of the original ``.whl``."""
+        return self.sha256 if self.locked_sha256 is None else self.locked_sha256
 
     @classmethod
-    def from_locked_dep(cls, dep: LockedDep, model_dir: Path) -> WheelRef:
+    def from_locked_dep(
+        cls, dep: LockedDep, model_dir: Path, *, digests: DigestCache | None = None
+    ) -> WheelRef:
+        """The ref of a lock entry's wheel; a bundled file's key from ``digests``.
+
+        ``digests`` defaults to the user's cache (:meth:`DigestCache.for_user`): a stat per
+        bundled file on a warm load, a hash only for a compressed bundle not seen before.
+        """
         if dep.url is not None:
             return cls(dep.sha256, dep.filename, url=dep.url)
         bundle = model_dir.absolute() / str(dep.bundled_whl_path)
-        return cls(dep.sha256, dep.filename, bundle_path=bundle)
+        key = (digests or DigestCache.for_user()).key(bundle, dep.sha256)
+        locked = None if key == dep.sha256 else dep.sha256
+        return cls(key, dep.filename, bundle_path=bundle, locked_sha256=locked)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +126,13 @@ class _LoopState:
 
 
 class Store:
-    """The content-addressed store under one root (see :mod:`cas_daemon.layout`)."""
+    """The content-addressed store under one root (see :mod:`cas_daemon.layout`).
+
+    The cold path compiles with persistent worker processes (one pool per interpreter, see
+    :class:`cas_daemon.precompile.CompilerPools`), started on first use and kept for later
+    calls. :meth:`close` / :meth:`aclose` (or ``with`` / ``async with``) stops them; a store
+    that is garbage collected, or still open at interpreter exit, stops them then.
+    """
 
     def __init__(
         self,
@@ -116,6 +149,11 @@ class Store:
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
             weakref.WeakKeyDictionary()
         )
+        # Made on the cold path only: precompile is not imported on the warm path. _thread
+        # rather than threading for the same reason (threading is not loaded there either).
+        self._compilers: CompilerPools | None = None
+        self._compilers_closer: weakref.finalize[[], Store] | None = None
+        self._compilers_lock = _thread.allocate_lock()
 
     @classmethod
     def open_default(
@@ -124,6 +162,59 @@ class Store:
         """The store at ``$WHEELCAS_HOME`` (or the user cache dir)."""
         layout = StoreLayout(default_store_root())
         return cls(layout, max_parallel_downloads=max_parallel_downloads, limits=limits)
+
+    # --- shutting down -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop this store's compile workers, after the work already given to them.
+
+        The store stays usable: the next cold path starts workers again.
+        """
+        with self._compilers_lock:
+            closer, self._compilers_closer, self._compilers = self._compilers_closer, None, None
+        if closer is not None:
+            closer()  # CompilerPools.close, once
+
+    async def aclose(self) -> None:
+        """:meth:`close` without blocking the event loop (a daemon's shutdown)."""
+        import asyncio
+
+        await asyncio.to_thread(self.close)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _compile_pools(self) -> CompilerPools:
+        """This store's compile workers, made on first use (from any thread)."""
+        from cas_daemon.precompile import CompilerPools
+
+        with self._compilers_lock:
+            if self._compilers is None:
+                pools = CompilerPools()
+                # The finalizer closes them when the store is collected or at exit; it holds
+                # the pools, not the store.
+                self._compilers_closer = weakref.finalize(self, pools.close)
+                self._compilers = pools
+            return self._compilers
 
     # --- the warm path -----------------------------------------------------------------
 
@@ -263,7 +354,8 @@ class Store:
             elif not marker.exists():
                 emit("start")
                 site = self.layout.site_dir(sha)
-                await _locked_step(compile_published, site, python, marker)
+                pools = self._compile_pools()
+                await _locked_step(compile_published, site, python, marker, pools=pools)
                 emit("ready")
             else:  # another process published it while this one waited for the lock
                 emit("cached")
@@ -309,12 +401,14 @@ class Store:
         try:
             # A blob was hashed on its way in, a bundle is checked here: RECORD need only be
             # checked for a compressed bundle, which the lock's sha256 cannot vouch for.
-            bundled = ref.bundle_path is not None and _check_bundled(source, ref.sha256)
+            bundled = ref.bundle_path is not None and _check_bundled(source, ref)
             limits = self._limits if self._limits is not None else UnpackLimits()
             shown = str(ref.bundle_path) if ref.url is None else strip_credentials(ref.url)
             site = staging / "site"
             unpack_wheel(source, site, limits=limits, verify_record=bundled, display_name=shown)
-            compile_tree(site, python, display_dir=layout.site_dir(ref.sha256))
+            compile_tree(
+                site, python, display_dir=layout.site_dir(ref.sha256), pools=self._compile_pools()
+            )
             write_marker(staging / layout.pyc_marker(ref.sha256, cache_tag).name, python)
             seal_read_only(site)
             tree = layout.tree_dir(ref.sha256)
@@ -326,25 +420,24 @@ class Store:
         return source.stat().st_size
 
 
-def _check_bundled(source: Path, expected: str) -> bool:
-    """Check a file from the model dir against the lock; True if it is a compressed bundle.
+def _check_bundled(source: Path, ref: WheelRef) -> bool:
+    """Check a bundled file before unpacking it; True if it is a compressed bundle.
 
-    A plain ``.whl`` is hashed. A compressed bundle's header names the sha256 of the wheel
-    it was made from: no proof (RECORD is, when unpacking), but it catches a stale bundle.
+    Its bytes must hash to the store key, the tree's name: whoever supplied them, a tree is
+    then what those bytes unpack to. A plain ``.whl`` is keyed by the lock's sha256, so this
+    is the lock's own check. A compressed bundle's header must also name the lock's wheel:
+    no proof of anything (its members are checked against RECORD when unpacking), but it
+    catches a stale bundle under the wrong directory.
     """
     from lockgen.bundle import is_bundle, read_bundle_header
 
+    actual = sha256_file(source)
+    if actual != ref.sha256:
+        raise HashMismatch(str(source), ref.sha256, actual)
     compressed = is_bundle(source)
-    if compressed:
-        actual = read_bundle_header(source).wheel_sha256
-    else:
-        digest = hashlib.sha256()
-        with source.open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-        actual = digest.hexdigest()
-    if actual != expected:
-        raise HashMismatch(str(source), expected, actual)
+    named = read_bundle_header(source).wheel_sha256 if compressed else actual
+    if named != ref.wheel_sha256:  # a plain wheel's bytes are not the lock's wheel
+        raise HashMismatch(str(source), ref.wheel_sha256, named)
     return compressed
 
 

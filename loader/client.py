@@ -5,11 +5,9 @@
 returns a :class:`DaemonClient` only if one answers ``/v1/health`` quickly; otherwise the
 loader stays embedded.
 
-The transport is a few lines of HTTP/1.1 over the unix socket (one request per connection,
-``Connection: close``) rather than ``http.client``: that module imports ``ssl`` and the
-``email`` parser, about 30 ms, more than the whole warm load it would serve. So a warm
-resolve costs a lockfile parse, one ``connect`` and one round trip, and imports no asyncio,
-aiohttp, ssl or numpy.
+The transport (:mod:`loader.transport`) is a few lines of HTTP/1.1 over the unix socket, not
+``http.client``. So a warm resolve costs a lockfile parse, one ``connect`` and one round trip,
+and imports no asyncio, aiohttp, ssl or numpy.
 
 Errors come back as the exception the daemon raised when this process has its class (the
 same one-line message as in embedded mode), else as :class:`DaemonError`; a daemon that is
@@ -18,20 +16,20 @@ gone or dies mid-request is a :class:`DaemonUnavailable`, never a socket traceba
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
 import stat
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import Any, NoReturn
 
 import cas_daemon.errors
 import loader.errors
+from cas_daemon.bundle_keys import DigestCache
 from cas_daemon.errors import HashMismatch
+from loader.transport import Body, Response, exchange
 from lockgen.errors import WheelcasError
 from lockgen.lockfile import LockedDep, LockEntry
 
@@ -49,8 +47,6 @@ READ_TIMEOUT_S = 120.0  # the daemon sends a heartbeat line every 10 s while it 
 FILENAME_HEADER = "X-Wheelcas-Filename"
 API_VERSION = 1
 _MAX_UPLOAD_ROUNDS = 3
-_CHUNK = 1 << 20
-_MAX_HEADER_LINES = 100
 _EVENT_KINDS = frozenset({"start", "bytes", "ready", "cached"})
 #: Where the errors the client raises as their own class live (others: DaemonError).
 _ERROR_MODULES = frozenset({"lockgen.errors", cas_daemon.errors.__name__, loader.errors.__name__})
@@ -95,66 +91,6 @@ class ResolveResult:
         return [self.view] if self.view is not None else list(self.site_dirs)
 
 
-class _Response:
-    """One HTTP/1.1 response read from a socket: status, headers, then the body.
-
-    Raises :class:`ConnectionError` for a response cut short or garbled, so that callers
-    handle it like any other broken connection.
-    """
-
-    def __init__(self, stream: IO[bytes]) -> None:
-        self._stream = stream
-        parts = stream.readline().split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-            raise ConnectionError("no HTTP status line")
-        self.status = int(parts[1])
-        self.headers: dict[str, str] = {}
-        for _ in range(_MAX_HEADER_LINES):
-            line = stream.readline()
-            if line in (b"\r\n", b"\n"):
-                break
-            if not line:
-                raise ConnectionError("the headers were cut short")
-            name, _sep, value = line.decode("latin-1").partition(":")
-            self.headers[name.strip().lower()] = value.strip()
-        else:
-            raise ConnectionError("too many header lines")
-
-    def _exactly(self, size: int) -> bytes:
-        data = self._stream.read(size)
-        if len(data) < size:
-            raise ConnectionError("the body was cut short")
-        return data
-
-    def chunks(self) -> Iterator[bytes]:
-        if self.headers.get("transfer-encoding", "").lower() == "chunked":
-            while True:
-                size_line = self._stream.readline()
-                try:
-                    size = int(size_line.split(b";", 1)[0], 16)
-                except ValueError:
-                    raise ConnectionError("the chunked body was cut short") from None
-                if size == 0:
-                    return
-                yield self._exactly(size)
-                self._exactly(2)  # the CRLF after each chunk
-        elif "content-length" in self.headers:
-            yield self._exactly(int(self.headers["content-length"]))
-        else:
-            yield self._stream.read()
-
-    def read(self) -> bytes:
-        return b"".join(self.chunks())
-
-    def lines(self) -> Iterator[bytes]:
-        pending = b""
-        for chunk in self.chunks():
-            *complete, pending = (pending + chunk).split(b"\n")
-            yield from (line for line in complete if line.strip())
-        if pending.strip():
-            yield pending
-
-
 def _python() -> dict[str, str]:
     return {
         "cache_tag": sys.implementation.cache_tag or "",
@@ -163,10 +99,38 @@ def _python() -> dict[str, str]:
     }
 
 
-def _dep_json(dep: LockedDep) -> dict[str, Any]:
-    if dep.url is not None:
-        return {"sha256": dep.sha256, "url": dep.url}
-    return {"sha256": dep.sha256, "filename": dep.filename, "bundled": True}
+@dataclass(frozen=True, slots=True)
+class _Bundled:
+    """A bundled wheel of the request: what to upload under its key if the daemon asks."""
+
+    dep: LockedDep
+    source: Path
+
+
+def _deps_json(
+    model_dir: Path, entry: LockEntry, digests: DigestCache
+) -> tuple[list[dict[str, Any]], dict[str, _Bundled]]:
+    """The request's deps, and its bundled wheels by store key.
+
+    A compressed bundle is named by its own sha256 (``bundle_sha256``): the daemon publishes
+    its tree under that, never under the wheel's sha256, which the bundle's bytes cannot be
+    checked against. ``digests`` remembers it, so a warm resolve costs one ``stat`` per
+    bundled file, not a hash.
+    """
+    deps: list[dict[str, Any]] = []
+    bundled: dict[str, _Bundled] = {}
+    for dep in entry.locked_deps:
+        if dep.url is not None:
+            deps.append({"sha256": dep.sha256, "url": dep.url})
+            continue
+        source = model_dir.absolute() / str(dep.bundled_whl_path)
+        key = digests.key(source, dep.sha256)
+        item: dict[str, Any] = {"sha256": dep.sha256, "filename": dep.filename, "bundled": True}
+        if key != dep.sha256:
+            item["bundle_sha256"] = key
+        deps.append(item)
+        bundled[key] = _Bundled(dep, source)
+    return deps, bundled
 
 
 def _error_class(name: str) -> type[WheelcasError] | None:
@@ -210,10 +174,13 @@ class DaemonClient:
         *,
         timeout: float = READ_TIMEOUT_S,
         connect_timeout: float = CONNECT_TIMEOUT_S,
+        digests: DigestCache | None = None,
     ) -> None:
+        """``digests``: where bundles' keys are remembered (default: the user's cache)."""
         self.socket_path = Path(socket_path)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self.digests = digests
 
     def health(self, *, timeout: float | None = None) -> dict[str, Any]:
         reply = self._call("GET", "/v1/health", timeout=timeout)
@@ -256,7 +223,8 @@ class DaemonClient:
 
         ``lease``: the daemon takes a lease for this process with the resolve, so GC keeps
         the paths while it runs. Bundled wheels are read from ``model_dir`` only when the
-        daemon asks for them. ``progress`` gets the store's events while a cold resolve works.
+        daemon asks for them (a compressed bundle is hashed once before, for its key, see
+        :func:`_deps_json`). ``progress`` gets the store's events while a cold resolve works.
         """
         return self._resolve("/v1/resolve", model_dir, entry, lease, progress)
 
@@ -274,7 +242,8 @@ class DaemonClient:
         lease: bool,
         progress: ProgressCallback | None,
     ) -> ResolveResult:
-        deps = [_dep_json(d) for d in entry.locked_deps]
+        digests = self.digests or DigestCache.for_user()
+        deps, bundled = _deps_json(model_dir, entry, digests)
         body = {"deps": deps, "python": _python(), "lease": lease}
         payload = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
@@ -284,11 +253,11 @@ class DaemonClient:
             )
             if isinstance(outcome, ResolveResult):
                 return outcome
-            self._upload(model_dir, entry, outcome)
+            self._upload(bundled, outcome, digests)
         raise DaemonError(f"the daemon kept asking for bundled wheels of {model_dir}; giving up")
 
     def _answer(
-        self, response: _Response, progress: ProgressCallback | None
+        self, response: Response, progress: ProgressCallback | None
     ) -> ResolveResult | list[str]:
         """The result, or the bundled wheels to upload first (HTTP 409)."""
         if response.status != 200:
@@ -316,15 +285,17 @@ class DaemonClient:
                 raise_error(message, 200)
         raise ConnectionError("the connection closed before the result")
 
-    def _upload(self, model_dir: Path, entry: LockEntry, shas: Sequence[str]) -> None:
+    def _upload(
+        self, bundled: Mapping[str, _Bundled], keys: Sequence[str], digests: DigestCache
+    ) -> None:
+        """Upload the bundled files the daemon asked for, each under its key."""
         from loader.errors import MissingBundleError
 
-        bundled = {str(d.sha256): d for d in entry.locked_deps if d.bundled_whl_path}
-        for sha in shas:
-            dep = bundled.get(sha)
-            if dep is None:
-                raise DaemonError(f"the daemon asked for a bundled wheel the lock lacks: {sha}")
-            source = model_dir.absolute() / str(dep.bundled_whl_path)
+        for key in keys:
+            wanted = bundled.get(key)
+            if wanted is None:
+                raise DaemonError(f"the daemon asked for a bundled wheel the lock lacks: {key}")
+            dep, source = wanted.dep, wanted.source
             try:
                 handle = source.open("rb")
             except OSError as exc:
@@ -336,11 +307,12 @@ class DaemonClient:
             headers = {FILENAME_HEADER: dep.filename, "Content-Type": "application/octet-stream"}
             try:
                 with handle:
-                    self._call("PUT", f"/v1/bundles/{sha}", handle, headers=headers)
+                    self._call("PUT", f"/v1/bundles/{key}", handle, headers=headers)
             except HashMismatch as exc:  # name the model dir's file, as embedded mode does
+                digests.forget(source)  # a key remembered wrongly is found again next time
                 raise HashMismatch(str(source), exc.expected, exc.actual) from None
 
-    # --- transport ------------------------------------------------------------------------
+    # --- requests -------------------------------------------------------------------------
 
     def _call(
         self,
@@ -353,14 +325,14 @@ class DaemonClient:
     ) -> Any:
         """One request with a JSON (or file) body and a JSON reply; raises its error."""
         sent = dict(headers or {})
-        payload: bytes | IO[bytes] | None
+        payload: Body
         if body is None or isinstance(body, bytes) or hasattr(body, "read"):
             payload = body  # type: ignore[assignment]
         else:
             payload = json.dumps(body).encode()
             sent["Content-Type"] = "application/json"
 
-        def answer(response: _Response) -> Any:
+        def answer(response: Response) -> Any:
             reply = _json(response.read()) if response.status != 204 else None
             if response.status >= 400:
                 raise_error(reply, response.status)
@@ -372,24 +344,24 @@ class DaemonClient:
         self,
         method: str,
         path: str,
-        body: bytes | IO[bytes] | None,
+        body: Body,
         headers: Mapping[str, str],
         timeout: float | None,
-        handle: Callable[[_Response], Any],
+        handle: Callable[[Response], Any],
     ) -> Any:
-        """Connect, send, and let ``handle`` read the response; socket errors become ours."""
+        """One request through :mod:`loader.transport`; socket errors become ours."""
         limit = self.timeout if timeout is None else timeout
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.settimeout(min(self.connect_timeout, limit))
-            sock.connect(str(self.socket_path))
-            sock.settimeout(limit)
-            # A failed send may still have an answer to read: an early refusal (a too large
-            # upload) is answered before the daemon stops reading.
-            with contextlib.suppress(OSError):
-                _send(sock, method, path, body, headers)
-            with sock.makefile("rb") as stream:
-                return handle(_Response(stream))
+            return exchange(
+                self.socket_path,
+                method,
+                path,
+                body,
+                headers,
+                handle,
+                timeout=limit,
+                connect_timeout=self.connect_timeout,
+            )
         except (FileNotFoundError, ConnectionRefusedError):
             raise DaemonUnavailable(self.socket_path, "is not running (nobody listens)") from None
         except TimeoutError:
@@ -397,33 +369,6 @@ class DaemonClient:
         except OSError as exc:
             reason = exc.strerror or str(exc) or type(exc).__name__
             raise DaemonUnavailable(self.socket_path, f"went away mid-request ({reason})") from None
-        finally:
-            sock.close()
-
-
-def _send(
-    sock: socket.socket,
-    method: str,
-    path: str,
-    body: bytes | IO[bytes] | None,
-    headers: Mapping[str, str],
-) -> None:
-    if body is None:
-        length = 0
-    elif isinstance(body, bytes):
-        length = len(body)
-    else:
-        length = os.fstat(body.fileno()).st_size
-    lines = [f"{method} {path} HTTP/1.1", "Host: localhost", "Connection: close"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    lines.append(f"Content-Length: {length}")
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    if body is None or isinstance(body, bytes):
-        sock.sendall(head + (body or b""))
-        return
-    sock.sendall(head)
-    while chunk := body.read(_CHUNK):
-        sock.sendall(chunk)
 
 
 def _json(raw: bytes) -> Any:

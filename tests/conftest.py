@@ -46,10 +46,14 @@ def _short_dir() -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Per test: a fresh store, a short runtime dir and a private pip cache."""
+    """Per test: a fresh store, a short runtime dir, a private pip cache and cache home.
+
+    ``XDG_CACHE_HOME`` too: the user's bundle digests (cas_daemon/bundle_keys.py) live there.
+    """
     home = tmp_path / "wheelcas-home"
     home.mkdir()
     monkeypatch.setenv("WHEELCAS_HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     monkeypatch.setenv("PIP_CACHE_DIR", str(tmp_path / "pip-cache"))
     runtime = _short_dir()
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))

@@ -21,10 +21,10 @@ from loader.client import (
     DaemonClient,
     DaemonError,
     DaemonUnavailable,
-    _Response,
     find_daemon,
     raise_error,
 )
+from loader.transport import Response
 from lockgen.errors import LockfileError
 from tests.daemon_support import lock_model, running_daemon, url_dep
 from tests.support.index import PackageIndex
@@ -135,8 +135,8 @@ def test_errors_come_back_as_their_own_class() -> None:
         raise_error({"unexpected": True}, 500)
 
 
-def _response(raw: bytes) -> _Response:
-    return _Response(io.BytesIO(raw))
+def _response(raw: bytes) -> Response:
+    return Response(io.BytesIO(raw))
 
 
 def test_responses_chunked_sized_and_cut_short() -> None:

@@ -32,7 +32,7 @@ from cas_daemon.config import (
 from cas_daemon.errors import HashMismatch
 from cas_daemon.layout import StoreLayout
 from cas_daemon.progress import ProgressEvent
-from cas_daemon.service import BadRequest, HostNotAllowed, check_host, parse_resolve_request
+from cas_daemon.protocol import BadRequest, HostNotAllowed, check_host, parse_resolve_request
 from loader.client import DaemonError, DaemonUnavailable, ResolveResult
 from lockgen.bundle import bundle_filename, write_bundle
 from lockgen.errors import WheelcasError

@@ -14,16 +14,11 @@ from pathlib import Path
 import pytest
 
 from cas_daemon import leases, views
+from cas_daemon.diskscan import read_view_members, scan_disk
 from cas_daemon.errors import StoreError
+from cas_daemon.fsck import fsck, rebuild_from_disk
 from cas_daemon.layout import StoreLayout
-from cas_daemon.metadata import (
-    SCHEMA_VERSION,
-    Metadata,
-    fsck,
-    read_view_members,
-    rebuild_from_disk,
-    scan_disk,
-)
+from cas_daemon.metadata import SCHEMA_VERSION, Metadata
 from cas_daemon.store import Store, WheelRef
 from lockgen.lockfile import sha256_hex
 from tests.support.wheels import build_wheel, sha256_file
