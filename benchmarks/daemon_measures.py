@@ -237,6 +237,31 @@ def _verify_cold(session: Session, store: Path, answer: dict[str, Any]) -> None:
         raise RuntimeError(f"the view has no {pyc.relative_to(view)}")
 
 
+def _cold_phases(session: Session, answer: dict[str, Any]) -> None:
+    """Notes: when (from the client's start) the resolve was sent, the last wheel's bytes
+    arrived and the last tree was ready, and the result came (median over samples)."""
+    events: dict[str, float] = answer["events"]
+    marks = {
+        "resolve sent": float(answer["asked"]),
+        "last download byte": events.get("bytes"),
+        "first tree ready": events.get("first_ready"),
+        "last tree ready": events.get("ready"),
+        "result (view built)": float(answer["seconds"]),
+    }
+    for label, when in marks.items():
+        if when is not None:
+            session.inner.setdefault(f"daemon_cold:{label}", []).append(when)
+    shown = [
+        f"{label} {format_seconds(statistics.median(session.inner[f'daemon_cold:{label}']))}"
+        for label in marks
+        if f"daemon_cold:{label}" in session.inner
+    ]
+    session.notes["daemon_cold"] = [
+        "daemon started (and healthy) before the client, untimed",
+        "client timeline, medians from its start: " + ", ".join(shown),
+    ]
+
+
 def daemon_cold(session: Session) -> float:
     """A fresh daemon (started untimed) over an empty store; the client process's wall time
     from spawn to exit, its one resolve returning a view of every tree compiled to .pyc."""
@@ -248,6 +273,7 @@ def daemon_cold(session: Session) -> float:
         wall, answer = _worker(["cold", daemon.socket_path, model])
         _verify_cold(session, store, answer)
         session.inner_sample("daemon_cold", float(answer["seconds"]))
+        _cold_phases(session, answer)
         if not session.has("daemon_warm_socket"):  # the first cold store becomes the warm one
             _keep_running(session, daemon)
             kept = True
@@ -339,24 +365,29 @@ def store_bytes(session: Session) -> float:
     finally:
         daemon.stop()
     try:
-        split = disk_usage.usage_by_part(store, wc.store_parts(store))
+        parts = wc.store_parts(store)
+        split = disk_usage.usage_by_part(store, parts)
         savings = wc.dedupe_savings(store)
+        trees = dict(parts)["trees"]
+        could = disk_usage.duplicate_bytes(trees, min_size=wc.min_dedupe_size())
     finally:
         session.discard(store)
     whole = disk_usage.total(split)
     models = _three_models(session).models
     unique = len({p.sha256 for m in models for p in m.pins})
     named = ", ".join(f"{m.name} ({n} wheels)" for m, n in zip(models, wheels, strict=True))
-    parts = ", ".join(f"{label} {format_bytes(u.disk)}" for label, u in split.items())
+    shown = ", ".join(f"{label} {format_bytes(u.disk)}" for label, u in split.items())
     dedupe = "not available" if savings is None else format_bytes(savings)
     _store_bytes_notes(
         session,
         "store",
         [
             f"models: {named}; {unique} distinct wheels",
-            f"store by part (disk): {parts}",
+            f"store by part (disk): {shown}",
             f"store apparent size {format_bytes(whole.apparent)}, {whole.inodes} inodes",
             f"dedupe savings (cas_daemon.dedupe.dedupe_savings): {dedupe}",
+            "identical files of at least MIN_DEDUPE_SIZE bytes in several trees (at most what "
+            f"dedupe could save, its .py mtime rule aside): {format_bytes(could)}",
         ],
     )
     return float(whole.disk)

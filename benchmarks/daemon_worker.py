@@ -78,8 +78,19 @@ def _cold(socket_path: Path, model_dir: Path) -> dict[str, Any]:
     client = wc.daemon_client(socket_path)
     entry = wc.lock_entry(model_dir)
     path, environ = _scratch()
-    result = wc.resolve_and_apply(client, model_dir, entry, lease=True, path=path, environ=environ)
-    return {"seconds": time.perf_counter() - _T0, **_describe(result)}
+    last: dict[str, float] = {}  # event kind -> when its last one arrived (from _T0)
+
+    def progress(event: Any) -> None:
+        now = time.perf_counter() - _T0
+        last.setdefault(f"first_{event.kind}", now)
+        last[event.kind] = now
+
+    asked = time.perf_counter() - _T0
+    result = wc.resolve_and_apply(
+        client, model_dir, entry, lease=True, path=path, environ=environ, progress=progress
+    )
+    seconds = time.perf_counter() - _T0
+    return {"seconds": seconds, "asked": asked, "events": last, **_describe(result)}
 
 
 def _concurrent(socket_path: Path, model_dir: Path, calls: int) -> dict[str, Any]:

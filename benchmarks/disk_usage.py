@@ -8,7 +8,9 @@ blocks (``st_blocks * 512``, what ``du`` reports), ``apparent`` the sum of ``st_
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,3 +66,25 @@ def usage_by_part(root: Path, parts: Iterable[tuple[str, Path]]) -> dict[str, Us
 
 def total(split: dict[str, Usage]) -> Usage:
     return sum(split.values(), Usage())
+
+
+def duplicate_bytes(root: Path, *, min_size: int) -> int:
+    """Bytes (``st_size``) of the extra copies of identical regular files under ``root``:
+    files of at least ``min_size`` bytes, grouped by content and executable bit, each inode
+    once; every group beyond its first file. What content dedupe could save at most."""
+    seen: set[Inode] = set()
+    copies: dict[tuple[str, bool], int] = {}
+    extra = 0
+    for path in _entries(root):
+        info = os.lstat(path)
+        key = (info.st_dev, info.st_ino)
+        if not stat.S_ISREG(info.st_mode) or info.st_size < min_size or key in seen:
+            continue
+        seen.add(key)
+        with open(path, "rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        group = (digest, bool(info.st_mode & stat.S_IXUSR))
+        if group in copies:
+            extra += info.st_size
+        copies[group] = copies.get(group, 0) + 1
+    return extra

@@ -30,6 +30,7 @@ from lockgen.lockfile import (
 )
 
 if TYPE_CHECKING:
+    from cas_daemon.progress import ProgressCallback
     from cas_daemon.store import Store, WheelRef
     from loader.client import DaemonClient, ResolveResult
 
@@ -151,6 +152,15 @@ def store_parts(store_root: Path) -> list[tuple[str, Path]]:
     ]
 
 
+def min_dedupe_size() -> int:
+    """The smallest file ``cas_daemon.dedupe`` links (1 KiB if it names no such constant)."""
+    try:
+        from cas_daemon.dedupe import MIN_DEDUPE_SIZE
+    except ImportError:
+        return 1024
+    return MIN_DEDUPE_SIZE
+
+
 def dedupe_savings(store_root: Path) -> int | None:
     """``cas_daemon.dedupe.dedupe_savings`` of the store; None if that module lacks it."""
     from cas_daemon.layout import StoreLayout
@@ -179,6 +189,7 @@ def resolve_and_apply(
     lease: bool,
     path: MutableSequence[str],
     environ: MutableMapping[str, str],
+    progress: ProgressCallback | None = None,
 ) -> ResolveResult:
     """Ask the daemon for ``entry``'s ready paths and apply the loader's ``sys.path`` plan to
     ``path`` and ``environ`` (throwaway copies: the calling process's own are left alone).
@@ -188,7 +199,7 @@ def resolve_and_apply(
     """
     from loader.syspath import apply, plan_sys_path, scan_package_dir
 
-    result = client.resolve(model_dir, entry, lease=lease)
+    result = client.resolve(model_dir, entry, lease=lease, progress=progress)
     plan = plan_sys_path(str(model_dir), [scan_package_dir(p) for p in result.package_dirs])
     apply(plan, path=path, environ=environ)
     return result

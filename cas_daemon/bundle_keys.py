@@ -24,6 +24,7 @@ under a key its bytes do not have.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -148,7 +149,8 @@ class DigestCache:
             logging.getLogger("wheelcas.store").debug(
                 "cannot remember bundle digests in %s: %s", self.path, exc
             )
-            part.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                part.unlink()
 
 
 def _digest_if_compressed(bundle: Path) -> str:

@@ -5,7 +5,9 @@ entries safely instead of misreading them::
 
     {root}/v1/
       blobs/ab/abcdef...            wheel bytes, named by their sha256 (verified before rename)
-      trees/ab/abcdef.../           one published, read-only unpacked wheel (renamed into place)
+      trees/ab/abcdef.../           one published, read-only unpacked wheel (renamed into place),
+                                    named by the sha256 of the bytes it was unpacked from (a
+                                    compressed bundle's own: see bundle_keys.py)
           site/                     the importable root: what goes on sys.path
           pyc-cpython-311           marker: site/ holds .pyc for that interpreter's cache tag
       locks/ab/abcdef....lock       flock files, one per sha256, never deleted while in use
@@ -121,3 +123,16 @@ class StoreLayout:
     def dedupe_path(self, name: str) -> Path:
         """The index entry ``name`` (a content sha256, ``.x`` appended for executables)."""
         return self.dedupe_dir / name[:2] / name
+
+    @property
+    def models_dir(self) -> Path:
+        """Packed models, unpacked once each, keyed by the sha256 of their ``MANIFEST``."""
+        return self.base / "models"
+
+    def model_dir(self, manifest_hash: str) -> Path:
+        """One unpacked model (``carton.toml``, ``model/``, ...), read-only, renamed into place."""
+        return self.models_dir / manifest_hash
+
+    def model_lock_path(self, manifest_hash: str) -> Path:
+        """The flock held while a packed model is unpacked into :meth:`model_dir`."""
+        return self.locks_dir / "models" / f"{manifest_hash}.lock"

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from cas_daemon.errors import StoreError
 from cas_daemon.layout import StoreLayout
@@ -544,24 +544,3 @@ def _unusable(path: Path, exc: BaseException) -> StoreError:
         f"the store index {path} cannot be used ({exc}). It holds no wheel data: run "
         "`wheelcas fsck --repair` (with the daemon stopped) to rebuild it from the store."
     )
-
-
-#: Names that moved to :mod:`cas_daemon.fsck` and :mod:`cas_daemon.diskscan`, still importable
-#: from here for callers not yet updated (``loader/cli.py`` imports ``fsck`` from here).
-_MOVED = {
-    "fsck": "cas_daemon.fsck",
-    "rebuild_from_disk": "cas_daemon.fsck",
-    "scan_disk": "cas_daemon.diskscan",
-    "read_view_members": "cas_daemon.diskscan",
-    "measure_tree": "cas_daemon.diskscan",
-}
-
-
-def __getattr__(name: str) -> Any:
-    """Lazily the moved names of :data:`_MOVED` (an import here would be circular)."""
-    module = _MOVED.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(module), name)

@@ -300,8 +300,7 @@ class _Pool:
         pool only grows to one per CPU when there is that much work at once. Raises OSError
         only if the pool is left without any worker: with one, the work still gets done.
         """
-        idle = sum(1 for w in self._workers if not w.inflight)
-        wanted = min(self._size - len(self._workers), len(self._pending) - idle)
+        wanted = min(self._size - len(self._workers), len(self._pending) - self._idle())
         for _ in range(wanted):
             try:
                 self._spawn()
@@ -328,7 +327,12 @@ class _Pool:
             target=self._serve, args=(worker,), name=f"compile worker {proc.pid}", daemon=True
         )
         self._workers.append(worker)
-        worker.thread.start()
+        try:
+            worker.thread.start()
+        except RuntimeError as exc:  # no thread to be had: the worker is of no use
+            self._workers.remove(worker)
+            self._reap(worker, graceful=False)
+            raise OSError(f"cannot start a thread for a compile worker: {exc}") from None
 
     def _serve(self, worker: _Worker) -> None:
         """The life of one worker: send batches, read answers, until retired or dead."""
@@ -348,10 +352,17 @@ class _Pool:
             self._bury(worker)
 
     def _next(self, worker: _Worker) -> _Batch | None:
-        """The next batch for ``worker`` to take, or None to read an answer first."""
+        """The next batch for ``worker`` to take, or None to read an answer first.
+
+        A second batch is taken ahead only if no idle worker could start on it now: a tree
+        of two batches should use two cores, not queue both in one pipe.
+        """
         with self._cond:
             while True:
-                if self._pending and len(worker.inflight) < _DEPTH:
+                if self._pending and (
+                    not worker.inflight
+                    or (len(worker.inflight) < _DEPTH and len(self._pending) > self._idle())
+                ):
                     batch = self._pending.popleft()
                     worker.inflight.append(batch)
                     return batch
@@ -363,6 +374,9 @@ class _Pool:
                 if not self._cond.wait(self._idle_timeout) and not self._pending:
                     self._workers.remove(worker)
                     raise _Retire
+
+    def _idle(self) -> int:
+        return sum(1 for w in self._workers if not w.inflight)
 
     def _send(self, worker: _Worker, batch: _Batch) -> None:
         try:
@@ -424,7 +438,12 @@ class _Pool:
             if not worker.started:
                 # The interpreter does not run at all: every queued tree would fail the same.
                 for batch in [*held, *self._pending]:
-                    self._fail(batch.job, self._unrunnable_error(batch.job, status, said))
+                    error = (
+                        self._closed_error(batch.job)
+                        if self._closing
+                        else self._unrunnable_error(batch.job, status, said)
+                    )
+                    self._fail(batch.job, error)
                 for batch in held:
                     self._finished(batch.job)
                 return
@@ -470,8 +489,12 @@ class _Pool:
     def _read_hello_of_dead(self, worker: _Worker) -> None:
         """Did ``worker`` start before it died? A worker that never got work is not asked.
 
-        Killed first, so the read ends at once: its hello, or EOF if it never ran.
+        Its stdin is closed and it is killed first, so the read ends at once: its hello, or
+        EOF if it never ran (or, for a wrapper script that runs Python as its child rather
+        than exec'ing it, when that child has seen EOF too).
         """
+        with contextlib.suppress(OSError):
+            worker.stdin.close()
         worker.proc.kill()
         with contextlib.suppress(OSError, ValueError):
             line = worker.stdout.readline()

@@ -55,7 +55,7 @@ class MissingBundles(WheelcasError):
 
 
 class UploadRefused(WheelcasError):
-    """An upload the daemon will not take (too large, a bad name, a refused format)."""
+    """An upload the daemon will not take: larger than ``uploads.max_bytes``."""
 
 
 class LeaseNotFound(WheelcasError):

@@ -30,6 +30,7 @@ from cas_daemon.errors import (
     WheelTooLarge,
 )
 from cas_daemon.layout import StoreLayout
+from cas_daemon.metrics import render_metrics
 from cas_daemon.progress import ProgressEvent
 from cas_daemon.protocol import (
     BadRequest,
@@ -43,7 +44,7 @@ from cas_daemon.protocol import (
     parse_resolve_request,
 )
 from cas_daemon.service import Outcome, Service
-from cas_daemon.store import Store, StoreStats
+from cas_daemon.store import Store
 from cas_daemon.systemd import Notifier
 from lockgen.errors import BundleError, InterpreterError, WheelcasError
 from lockgen.lockfile import sha256_hex
@@ -269,50 +270,9 @@ async def gc(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    text = render_metrics(
-        service, await service.store_stats(), await service.live_leases(), service.count_views()
-    )
+    stats, leases = await service.store_stats(), await service.live_leases()
+    text = render_metrics(service.metrics, stats, leases, service.count_views())
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
-
-
-def render_metrics(service: Service, stats: StoreStats, leases: int, views: int) -> str:
-    """Prometheus text exposition format (version 0.0.4)."""
-    m = service.metrics
-    families: list[tuple[str, str, str, list[tuple[str, int]]]] = [
-        ("wheelcas_resolves_total", "counter", "Resolve requests served.", [("", m.resolves)]),
-        ("wheelcas_prefetches_total", "counter", "Prefetch requests served.", [("", m.prefetches)]),
-        ("wheelcas_downloads_total", "counter", "Wheels downloaded.", [("", m.downloads)]),
-        ("wheelcas_fetched_bytes_total", "counter", "Bytes downloaded.", [("", m.bytes_fetched)]),
-        (
-            "wheelcas_published_total",
-            "counter",
-            "Trees published or compiled.",
-            [("", m.published)],
-        ),
-        ("wheelcas_cache_hits_total", "counter", "Wheels already ready.", [("", m.cache_hits)]),
-        ("wheelcas_uploads_total", "counter", "Bundled wheels received.", [("", m.uploads)]),
-        ("wheelcas_errors_total", "counter", "Failed requests.", [("", sum(m.errors.values()))]),
-        (
-            "wheelcas_errors_by_type_total",
-            "counter",
-            "Failed requests, by error type.",
-            [(f'{{type="{kind}"}}', n) for kind, n in sorted(m.errors.items())],
-        ),
-        (
-            "wheelcas_store_bytes",
-            "gauge",
-            "Bytes of blobs and trees.",
-            [("", stats.blob_bytes + stats.tree_bytes)],
-        ),
-        ("wheelcas_store_trees", "gauge", "Published trees.", [("", stats.trees)]),
-        ("wheelcas_store_views", "gauge", "Built views.", [("", views)]),
-        ("wheelcas_leases", "gauge", "Leases of live processes.", [("", leases)]),
-    ]
-    lines = []
-    for name, kind, help_text, samples in families:
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        lines += [f"{name}{labels} {value}" for labels, value in samples]
-    return "\n".join(lines) + "\n"
 
 
 def make_app(service: Service) -> web.Application:

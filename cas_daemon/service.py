@@ -21,9 +21,8 @@ import asyncio
 import logging
 import os
 import time
-from collections import Counter
 from collections.abc import AsyncIterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +32,10 @@ from cas_daemon.diskscan import measure_tree
 from cas_daemon.errors import StoreError
 from cas_daemon.leases import process_start_time
 from cas_daemon.metadata import Metadata
+from cas_daemon.metrics import Meter, Metrics
 from cas_daemon.progress import ProgressCallback, ProgressEvent
 from cas_daemon.protocol import (
     BadRequest,
-    DepSpec,
     LeaseNotFound,
     MissingBundles,
     NotPermitted,
@@ -74,20 +73,6 @@ class Outcome:
     view_error: WheelcasError | None = None
 
 
-@dataclass(slots=True)
-class Metrics:
-    """Counters since start-up; they only go up (Prometheus counters)."""
-
-    resolves: int = 0
-    prefetches: int = 0
-    downloads: int = 0
-    bytes_fetched: int = 0
-    published: int = 0
-    cache_hits: int = 0
-    uploads: int = 0
-    errors: Counter[str] = field(default_factory=Counter)
-
-
 class Service:
     """The daemon's state. Build it with :meth:`open` inside the running loop."""
 
@@ -97,12 +82,11 @@ class Service:
         self.layout = store.layout
         self.metadata = metadata
         self.metrics = Metrics()
+        self._meter = Meter(self.metrics)
         self.started = time.time()
         self.interpreters = KnownInterpreters(config.interpreters, config.discover_interpreters)
         self.uploads = Uploads(store.layout, max_bytes=config.upload_max_bytes)
         self._stats: tuple[float, StoreStats] | None = None
-        self._last_event: ProgressEvent | None = None
-        self._fetched: dict[str, int] = {}
         self._conflicts: dict[str, WheelcasError] = {}
 
     @classmethod
@@ -134,31 +118,16 @@ class Service:
         python = self.interpreters.known().get(spec.cache_tag)
         if python is None:  # probing interpreters runs them: not on the event loop
             python = await asyncio.to_thread(self.interpreters.find, spec.cache_tag, spec.version)
-        refs = tuple(self._ref(dep) for dep in request.deps)
-        missing = {
-            ref.sha256
-            for ref in refs
-            if ref.bundle_path is not None
-            and not self.layout.tree_dir(ref.sha256).exists()
-            and not ref.bundle_path.is_file()
-        }
+        refs = tuple(
+            WheelRef(dep.sha256, dep.filename, url=dep.url)
+            if dep.url is not None
+            else self.uploads.ref(dep)
+            for dep in request.deps
+        )
+        missing = self.uploads.missing(refs)
         if missing:
-            raise MissingBundles(sorted(missing))
+            raise MissingBundles(missing)
         return Plan(request, refs, python)
-
-    def _ref(self, dep: DepSpec) -> WheelRef:
-        """The store's ref of a dep: a bundled one by its key, its bytes from the uploads.
-
-        The key is the sha256 of the bytes (a compressed bundle's own, never the wheel's it
-        claims to be), checked on upload and again before unpacking: whoever sent them, the
-        tree under a key is what the bytes with that sha256 unpack to.
-        """
-        if dep.url is not None:
-            return WheelRef(dep.sha256, dep.filename, url=dep.url)
-        key = dep.key
-        path = self.uploads.path_for(key, dep.filename)
-        locked = None if key == dep.sha256 else dep.sha256
-        return WheelRef(key, dep.filename, bundle_path=path, locked_sha256=locked)
 
     async def execute(
         self,
@@ -191,30 +160,19 @@ class Service:
                     plan.refs, python=plan.python, progress=self._listener(on_event, readied)
                 )
                 await self._record_published(readied, tag)
-            await self._forget_uploads(plan)
+            await self.uploads.forget_used(plan.refs)
             view, view_error = (None, None) if key is None else await self._view(plan, key)
             await self._record_use(shas, key if view is not None else None)
         except BaseException as exc:
             if lease is not None:
                 await self._drop_lease_record(lease)
-            bad = self.uploads.about(exc)
-            if bad is not None:  # its flight has failed: the next try uploads it afresh
-                await asyncio.shield(asyncio.to_thread(self.uploads.forget, [bad]))
+            await self.uploads.forget_failed(exc)
             raise
         if prefetch:
             self.metrics.prefetches += 1
         else:
             self.metrics.resolves += 1
         return Outcome(view, tuple(sites), lease, len(shas), already, view_error)
-
-    async def _forget_uploads(self, plan: Plan) -> None:
-        uploaded = [
-            ref.sha256
-            for ref in plan.refs
-            if ref.bundle_path is not None and (self.uploads.root / ref.sha256).exists()
-        ]
-        if uploaded:
-            await asyncio.to_thread(self.uploads.forget, uploaded)
 
     async def _view(self, plan: Plan, key: str) -> tuple[Path | None, WheelcasError | None]:
         """The view of the plan's trees (one sys.path entry); None and why if impossible.
@@ -246,34 +204,13 @@ class Service:
         self, forward: ProgressCallback | None, readied: list[ProgressEvent]
     ) -> ProgressCallback:
         def listen(event: ProgressEvent) -> None:
-            self._meter(event)
+            self._meter.count(event)
             if event.kind == "ready":
                 readied.append(event)
             if forward is not None:
                 forward(event)
 
         return listen
-
-    def _meter(self, event: ProgressEvent) -> None:
-        """Count an event once, however many requests listen to its wheel.
-
-        The store hands the same event object to every listener of a wheel, one after the
-        other, so comparing with the last event seen is enough to count each once.
-        """
-        if event is self._last_event:
-            return
-        self._last_event = event
-        metrics, sha = self.metrics, event.sha256
-        if event.kind == "start":
-            self._fetched[sha] = 0
-        elif event.kind == "bytes":
-            metrics.bytes_fetched += event.nbytes
-            self._fetched[sha] = self._fetched.get(sha, 0) + event.nbytes
-        elif event.kind == "ready":
-            metrics.published += 1
-            metrics.downloads += bool(self._fetched.pop(sha, 0))
-        elif event.kind == "cached":
-            metrics.cache_hits += 1
 
     # --- metadata: the one place that records into the store's index ------------------------
 

@@ -21,7 +21,8 @@ from typing import IO, Any
 
 from cas_daemon.errors import HashMismatch
 from cas_daemon.layout import StoreLayout
-from cas_daemon.protocol import UploadRefused, check_filename
+from cas_daemon.protocol import DepSpec, UploadRefused, check_filename
+from cas_daemon.store import WheelRef
 from lockgen.lockfile import Sha256
 
 
@@ -35,8 +36,33 @@ class Uploads:
     """
 
     def __init__(self, layout: StoreLayout, *, max_bytes: int) -> None:
+        self.layout = layout
         self.root = layout.tmp_dir / "uploads"
         self.max_bytes = max_bytes
+
+    def ref(self, dep: DepSpec) -> WheelRef:
+        """The store's ref of a bundled dep: by its key, its bytes from the uploads.
+
+        The key is the sha256 of the bytes (a compressed bundle's own, never the wheel's it
+        claims to be), checked on upload and again before unpacking: whoever sent them, the
+        tree under a key is what the bytes with that sha256 unpack to.
+        """
+        key = dep.key
+        locked = None if key == dep.sha256 else dep.sha256
+        path = self.path_for(key, dep.filename)
+        return WheelRef(key, dep.filename, bundle_path=path, locked_sha256=locked)
+
+    def missing(self, refs: Sequence[WheelRef]) -> list[str]:
+        """The keys of the bundled refs with neither a published tree nor an upload."""
+        return sorted(
+            {
+                ref.sha256
+                for ref in refs
+                if ref.bundle_path is not None
+                and not self.layout.tree_dir(ref.sha256).exists()
+                and not ref.bundle_path.is_file()
+            }
+        )
 
     def path_for(self, sha: str, filename: str) -> Path:
         """Where the upload under key ``sha`` is (whatever name it came with), or would be."""
@@ -91,6 +117,25 @@ class Uploads:
     def forget(self, shas: Sequence[str]) -> None:
         for sha in shas:
             shutil.rmtree(self.root / sha, ignore_errors=True)
+
+    async def forget_used(self, refs: Sequence[WheelRef]) -> None:
+        """Drop the uploads of refs whose trees are now published: not needed again."""
+        used = [
+            ref.sha256
+            for ref in refs
+            if ref.bundle_path is not None and (self.root / ref.sha256).exists()
+        ]
+        if used:
+            await asyncio.to_thread(self.forget, used)
+
+    async def forget_failed(self, exc: BaseException) -> None:
+        """Drop the upload ``exc`` is about, if any: the next try uploads it afresh.
+
+        Shielded, so that it is done even while the request is being cancelled.
+        """
+        bad = self.about(exc)
+        if bad is not None:
+            await asyncio.shield(asyncio.to_thread(self.forget, [bad]))
 
 
 def _write(handle: IO[bytes], digest: Any, chunk: bytes) -> None:

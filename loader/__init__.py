@@ -11,8 +11,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from loader.api import load_unpacked as load_unpacked
     from loader.model import Model as Model
+    from loader.packing import get_model_info as get_model_info
+    from loader.packing import load as load
+    from loader.packing import pack as pack
 
-__all__ = ["Model", "load_unpacked"]
+__all__ = ["Model", "get_model_info", "load", "load_unpacked", "pack"]
 
 
 def __getattr__(name: str) -> Any:
@@ -24,4 +27,10 @@ def __getattr__(name: str) -> Any:
         from loader.model import Model
 
         return Model
+    if name in ("pack", "load", "get_model_info"):
+        # In loader.packing, not loader.pack: importing a submodule named `pack` would rebind
+        # this package's attribute `pack` from the function to the module.
+        from loader import packing
+
+        return getattr(packing, name)
     raise AttributeError(f"module 'loader' has no attribute {name!r}")

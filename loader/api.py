@@ -12,7 +12,8 @@ from loader.errors import ModelConfigError
 from loader.model import Model, ModelInfo, instantiate
 from loader.options import OptionValue, parse_runner_opts
 from loader.packages import DaemonChoice, ready_package_dirs
-from loader.semver import parse_requirement
+from loader.semver import VersionReq, parse_requirement
+from loader.worker import IsolatedModel, WorkerSpec, worker_environment
 from lockgen.errors import InterpreterError
 
 
@@ -33,14 +34,21 @@ def load_unpacked(
     visible_device: str | int | None = None,
     *,
     daemon: DaemonChoice = None,
+    isolated: bool = True,
     **_pack_metadata: object,
 ) -> Model:
     """Lock if needed, make every locked wheel ready, assemble ``sys.path``, call the entrypoint.
 
-    Runs the model in this process. Packages come from the daemon when one answers (``daemon``:
-    None picks automatically, True requires one, False never asks), else from the store this
-    process fills itself. Pack-only arguments that Carton accepts here (``model_name``,
-    ``inputs``, ...) are accepted and ignored.
+    ``isolated`` (the default): the model runs in a worker process of its own, in the highest
+    Python that satisfies ``required_framework_version`` (see :mod:`loader.interpreters`),
+    isolated from site-packages and ``PYTHONPATH``; tensors cross as numpy arrays. False: it
+    runs in this process, which must then be a Python in the range, and ``sys.path`` and
+    ``PYTHONPATH`` of this process are changed.
+
+    Packages come from the daemon when one answers (``daemon``: None picks automatically, True
+    requires one, False never asks), else from the store this process fills itself. Pack-only
+    arguments that Carton accepts here (``model_name``, ``inputs``, ...) are accepted and
+    ignored.
     """
     del runner_compat_version  # accepted for Carton compatibility; one runner version here
     model_dir = Path(path).absolute()
@@ -54,6 +62,10 @@ def load_unpacked(
             "e.g. '=3.11' or '>=3.9, <3.13'."
         )
     requirement = parse_requirement(required_framework_version)
+    if isolated:
+        return _load_isolated(
+            model_dir, requirement, runner_name, runner_opts, visible_device, daemon
+        )
     if not requirement.matches(platform.python_version()):
         raise InterpreterError(
             f"this process runs Python {platform.python_version()}, but the model requires "
@@ -78,3 +90,33 @@ def load_unpacked(
         sys_path_entries=plan.entries,
     )
     return Model(instance, info)
+
+
+def _load_isolated(
+    model_dir: Path,
+    requirement: VersionReq,
+    runner_name: str,
+    runner_opts: Mapping[str, OptionValue] | None,
+    visible_device: str | int | None,
+    daemon: DaemonChoice,
+) -> IsolatedModel:
+    """The worker path: the interpreter first, then its lock entry and its ``.pyc`` files."""
+    from loader import interpreters
+
+    options = parse_runner_opts(runner_opts)
+    if not model_dir.is_dir():
+        raise ModelConfigError(f"{model_dir} is not a directory; pass the model's code dir.")
+    python = interpreters.choose(requirement)
+    dirs = ready_package_dirs(model_dir, daemon=daemon, python=python.path)
+    plan = embedded.plan_for(model_dir, dirs)
+    env = worker_environment(os.environ, plan.entries, _visible_device_env(visible_device))
+    spec = WorkerSpec(python=python.path, code_dir=model_dir, plan=plan, options=options, env=env)
+    info = ModelInfo(
+        model_dir=model_dir,
+        runner_name=runner_name,
+        required_framework_version=requirement.text,
+        runner_opts=dict(runner_opts or {}),
+        python_version=python.version_text,
+        sys_path_entries=plan.entries,
+    )
+    return IsolatedModel(spec, info)

@@ -75,12 +75,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--python", metavar="INTERPRETER", help="compile .pyc for this interpreter")
 
     p = sub.add_parser("infer", help="load a model and run one inference")
-    p.add_argument("model_dir", type=Path, metavar="DIR")
-    p.add_argument("--entrypoint", required=True, metavar="PACKAGE:FUNCTION")
-    p.add_argument("--python", required=True, metavar="RANGE", help="e.g. '>=3.10' or '=3.11'")
+    p.add_argument("model_dir", type=Path, metavar="DIR|FILE.carton")
+    # Required for a code dir (checked in _cmd_infer); for a .carton they override its fields.
+    p.add_argument("--entrypoint", metavar="PACKAGE:FUNCTION")
+    p.add_argument("--python", metavar="RANGE", help="e.g. '>=3.10' or '=3.11'")
     p.add_argument("--opt", action="append", default=[], metavar="model.NAME=VALUE")
     p.add_argument("--input", action="append", default=[], metavar="NAME=VALUE", help=_INPUT_HELP)
     p.add_argument("--json", action="store_true", help="print the outputs as one JSON object")
+
+    p = sub.add_parser("pack", help="lock a model dir and write it as a .carton file")
+    p.add_argument("model_dir", type=Path, metavar="DIR")
+    p.add_argument("-o", "--output", type=Path, metavar="FILE", help="default: DIR.carton")
+    p.add_argument("--python", required=True, metavar="RANGE", help="e.g. '>=3.10' or '=3.11'")
+    p.add_argument("--entrypoint", required=True, metavar="PACKAGE:FUNCTION")
+    p.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--name", help="model_name")
+    p.add_argument("--short-description", help="at most 100 characters")
+    p.add_argument("--description", help="model_description (markdown)")
+    p.add_argument("--license", help="an SPDX license expression")
+    p.add_argument("--repository", metavar="URL")
+    p.add_argument("--homepage", metavar="URL")
+    p.add_argument("--misc", action="append", default=[], metavar="NAME=PATH")
+    p.add_argument(
+        "--lock-python",
+        action="append",
+        default=[],
+        metavar="INTERPRETER",
+        help="also lock for this interpreter (3.12, a command or a path); repeatable",
+    )
+    _add_pip_options(p)
+
+    p = sub.add_parser("info", help="print a packed model's manifest fields")
+    p.add_argument("model", type=Path, metavar="MODEL", help="a .carton file or unpacked dir")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("path", help="print the model's PYTHONPATH (locking if needed)")
     p.add_argument("model_dir", type=Path, metavar="DIR")
@@ -199,15 +226,38 @@ def _cmd_infer(ns: argparse.Namespace) -> int:
     from loader.api import load_unpacked
     from loader.options import parse_cli_option
 
-    package, sep, function = ns.entrypoint.partition(":")
-    if not sep:
-        raise ModelConfigError(f"--entrypoint {ns.entrypoint!r}: expected PACKAGE:FUNCTION.")
-    opts: dict[str, Any] = {"entrypoint_package": package, "entrypoint_fn": function}
+    packed = ns.model_dir.is_file()
+    if not packed:
+        missing = [
+            o for o, v in (("--entrypoint", ns.entrypoint), ("--python", ns.python)) if not v
+        ]
+        if missing:
+            raise ModelConfigError(
+                f"{' and '.join(missing)} required for a model dir (a .carton file has them)."
+            )
+    opts: dict[str, Any] = {}
+    if ns.entrypoint is not None:
+        package, sep, function = ns.entrypoint.partition(":")
+        if not sep:
+            raise ModelConfigError(f"--entrypoint {ns.entrypoint!r}: expected PACKAGE:FUNCTION.")
+        opts = {"entrypoint_package": package, "entrypoint_fn": function}
     opts.update(parse_cli_option(a) for a in ns.opt)
     for assignment in ns.input:  # fail on a malformed --input before the slow part
         if "=" not in assignment.lstrip("="):
             raise ModelConfigError(f"--input {assignment!r}: expected {_INPUT_HELP}.")
-    model = load_unpacked(ns.model_dir, required_framework_version=ns.python, runner_opts=opts)
+    if packed:
+        from loader.packing import load
+
+        model = load(
+            ns.model_dir,
+            override_required_framework_version=ns.python,
+            override_runner_opts=opts or None,
+        )
+    else:
+        # In this process: --input values are parsed with the model's own numpy (see below).
+        model = load_unpacked(
+            ns.model_dir, required_framework_version=ns.python, runner_opts=opts, isolated=False
+        )
     # numpy is imported only now, from the model's own sys.path, never the host's first.
     inputs = dict(_parse_input(a) for a in ns.input)
     outputs = model.infer(inputs)
@@ -216,6 +266,75 @@ def _cmd_infer(ns: argparse.Namespace) -> int:
     else:
         for name, value in outputs.items():
             print(f"{name} = {value}")
+    return 0
+
+
+def _cmd_pack(ns: argparse.Namespace) -> int:
+    from loader.options import parse_cli_option
+    from loader.packing import get_model_info, pack
+
+    package, sep, function = ns.entrypoint.partition(":")
+    if not sep:
+        raise ModelConfigError(f"--entrypoint {ns.entrypoint!r}: expected PACKAGE:FUNCTION.")
+    opts: dict[str, Any] = {"entrypoint_package": package, "entrypoint_fn": function}
+    opts.update(parse_cli_option(a) for a in ns.opt)
+    misc: dict[str, str] = {}
+    for assignment in ns.misc:
+        name, sep, local = assignment.partition("=")
+        if not sep or not name or not local:
+            raise ModelConfigError(f"--misc {assignment!r}: expected NAME=PATH.")
+        misc[name] = local
+    path = pack(
+        ns.model_dir,
+        runner_name="python",
+        required_framework_version=ns.python,
+        runner_opts=opts,
+        model_name=ns.name,
+        short_description=ns.short_description,
+        model_description=ns.description,
+        license=ns.license,
+        repository=ns.repository,
+        homepage=ns.homepage,
+        misc_files=misc or None,
+        output=ns.output,
+        lock_pythons=ns.lock_python,
+        pip_args=_pip_args(ns),
+    )
+    print(f"packed {path} (manifest sha256 {get_model_info(path).manifest_sha256})")
+    return 0
+
+
+def _info_fields(info: Any) -> dict[str, Any]:
+    """The manifest as plain JSON values (dataclasses and tuples flattened)."""
+    import dataclasses
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    fields: dict[str, Any] = plain(info)
+    return fields
+
+
+def _cmd_info(ns: argparse.Namespace) -> int:
+    from loader.packing import get_model_info
+
+    fields = _info_fields(get_model_info(ns.model))
+    if ns.json:
+        print(json.dumps(fields, sort_keys=True))
+        return 0
+    runner = fields.pop("runner")
+    for key, value in fields.items():
+        if value is not None:
+            print(f"{key}: {json.dumps(value) if not isinstance(value, str) else value}")
+    for key, value in runner.items():
+        if value is not None:
+            print(f"runner.{key}: {json.dumps(value) if not isinstance(value, str) else value}")
     return 0
 
 
@@ -314,8 +433,8 @@ def _local_gc(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_fsck(ns: argparse.Namespace) -> int:
+    from cas_daemon.fsck import fsck
     from cas_daemon.layout import StoreLayout, default_store_root
-    from cas_daemon.metadata import fsck
 
     report = fsck(StoreLayout(default_store_root()), repair=ns.repair)
     for line in report.lines():
@@ -327,6 +446,8 @@ _COMMANDS = {
     "lock": _cmd_lock,
     "prefetch": _cmd_prefetch,
     "infer": _cmd_infer,
+    "pack": _cmd_pack,
+    "info": _cmd_info,
     "path": _cmd_path,
     "daemon": _cmd_daemon,
     "status": _cmd_status,

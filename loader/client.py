@@ -91,7 +91,17 @@ class ResolveResult:
         return [self.view] if self.view is not None else list(self.site_dirs)
 
 
-def _python() -> dict[str, str]:
+def _python(python: str | None = None) -> dict[str, str]:
+    """The interpreter the paths are for: this one, or ``python`` (a model worker's)."""
+    if python is not None and python != sys.executable:
+        from lockgen.interpreters import interpreter_facts
+
+        facts = interpreter_facts(python)
+        return {
+            "cache_tag": facts["cache_tag"],
+            "version": facts["python_full_version"],
+            "implementation": facts["implementation_name"],
+        }
     return {
         "cache_tag": sys.implementation.cache_tag or "",
         "version": sys.version.split()[0],
@@ -218,6 +228,7 @@ class DaemonClient:
         *,
         lease: bool = False,
         progress: ProgressCallback | None = None,
+        python: str | None = None,
     ) -> ResolveResult:
         """Ready paths for ``entry`` of the lockfile of ``model_dir``, fetched if needed.
 
@@ -225,8 +236,9 @@ class DaemonClient:
         the paths while it runs. Bundled wheels are read from ``model_dir`` only when the
         daemon asks for them (a compressed bundle is hashed once before, for its key, see
         :func:`_deps_json`). ``progress`` gets the store's events while a cold resolve works.
+        ``python``: the interpreter that will import from the paths (default: this one).
         """
-        return self._resolve("/v1/resolve", model_dir, entry, lease, progress)
+        return self._resolve("/v1/resolve", model_dir, entry, lease, progress, python)
 
     def prefetch(
         self, model_dir: Path, entry: LockEntry, *, progress: ProgressCallback | None = None
@@ -241,10 +253,11 @@ class DaemonClient:
         entry: LockEntry,
         lease: bool,
         progress: ProgressCallback | None,
+        python: str | None = None,
     ) -> ResolveResult:
         digests = self.digests or DigestCache.for_user()
         deps, bundled = _deps_json(model_dir, entry, digests)
-        body = {"deps": deps, "python": _python(), "lease": lease}
+        body = {"deps": deps, "python": _python(python), "lease": lease}
         payload = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
         for _ in range(_MAX_UPLOAD_ROUNDS):

@@ -27,16 +27,20 @@ from lockgen.lockfile import LockEntry
 log = logging.getLogger("wheelcas.load")
 
 
-def locked_entry(model_dir: Path, *, pip_args: Sequence[str] = ()) -> LockEntry:
-    """This environment's lockfile entry, locking first when Carton's rules say so."""
-    result = lock(model_dir, pip_args=pip_args)
+def locked_entry(
+    model_dir: Path, *, pip_args: Sequence[str] = (), python: str | None = None
+) -> LockEntry:
+    """The lockfile entry of ``python``'s environment (default: this one's), locking first
+    when Carton's rules say so."""
+    result = lock(model_dir, pip_args=pip_args, python=python)
     if result.action == "appended":
+        markers = result.entry.markers
         log.warning(
-            "%s had no lockfile entry for this environment (Python %d.%d on %s); "
+            "%s had no lockfile entry for this environment (Python %s on %s); "
             "locked one and appended it.",
             model_dir,
-            *sys.version_info[:2],
-            sys.platform,
+            markers.get("python_version", "?"),
+            markers.get("sys_platform", sys.platform),
         )
     elif result.action == "new":
         log.info("locked %s (%d wheels)", model_dir, len(result.entry.locked_deps))
@@ -56,15 +60,15 @@ def wheel_refs(model_dir: Path, entry: LockEntry) -> list[WheelRef]:
     return refs
 
 
-def fill_store_in_child(model_dir: Path) -> None:
-    """Run ``wheelcas prefetch`` for this interpreter in a child process (see module doc).
+def fill_store_in_child(model_dir: Path, python: str = sys.executable) -> None:
+    """Run ``wheelcas prefetch`` for ``python`` in a child process (see module doc).
 
     On a terminal the child's progress bar is shown as it runs; otherwise its output is kept
     and becomes the error message if it fails.
     """
     # -I: a `loader` module in the working dir must not shadow ours.
     argv = [sys.executable, "-I", "-m", "loader.cli", "--no-daemon", "prefetch", str(model_dir)]
-    argv += ["--python", sys.executable]
+    argv += ["--python", python]
     interactive = sys.stderr.isatty()
     done = subprocess.run(
         argv,
@@ -81,15 +85,23 @@ def fill_store_in_child(model_dir: Path) -> None:
         )
 
 
-def package_dirs(model_dir: Path, entry: LockEntry, *, store: Store | None = None) -> list[Path]:
-    """The ready, unpacked package dirs of ``entry`` for this interpreter, in lock order."""
+def package_dirs(
+    model_dir: Path, entry: LockEntry, *, store: Store | None = None, python: str | None = None
+) -> list[Path]:
+    """The ready, unpacked package dirs of ``entry`` for ``python`` (default: this
+    interpreter), in lock order."""
     store = store or Store.open_default()
     refs = wheel_refs(model_dir, entry)
-    cache_tag = sys.implementation.cache_tag or ""
+    if python is None or python == sys.executable:
+        python, cache_tag = sys.executable, sys.implementation.cache_tag or ""
+    else:
+        from lockgen.interpreters import interpreter_facts
+
+        cache_tag = interpreter_facts(python)["cache_tag"]
     warm = store.warm_site_dirs(refs, cache_tag)
     if warm is None:
         log.info("filling the store for %s (%d wheels)", model_dir, len(refs))
-        fill_store_in_child(model_dir)
+        fill_store_in_child(model_dir, python)
         warm = store.warm_site_dirs(refs, cache_tag)
     if warm is None:
         raise StoreError(

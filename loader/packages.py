@@ -29,13 +29,16 @@ def ready_package_dirs(
     lease: bool = True,
     pip_args: Sequence[str] = (),
     progress: ProgressCallback | None = None,
+    python: str | None = None,
 ) -> list[Path]:
     """The dirs to put on ``sys.path`` after the code dir: a view, or one per wheel.
 
     ``lease`` asks the daemon to keep these paths from GC for as long as this process lives
     (right for a process that imports from them; pointless for one that only prints them).
+    ``python``: the interpreter that imports them (a model worker's; default: this one). The
+    lock entry is that interpreter's, and the ``.pyc`` files are compiled for it.
     """
-    entry = embedded.locked_entry(model_dir, pip_args=pip_args)
+    entry = embedded.locked_entry(model_dir, pip_args=pip_args, python=python)
     if daemon is not False:
         from loader.client import DaemonUnavailable, find_daemon
 
@@ -47,10 +50,12 @@ def ready_package_dirs(
             )
         if client is not None:
             try:
-                return client.resolve(model_dir, entry, lease=lease, progress=progress).package_dirs
+                return client.resolve(
+                    model_dir, entry, lease=lease, progress=progress, python=python
+                ).package_dirs
             except DaemonUnavailable as exc:
                 if daemon:
                     raise
                 # The daemon went away mid-request: the model still loads, from this process.
                 log.warning("%s; loading without the daemon", exc)
-    return embedded.package_dirs(model_dir, entry)
+    return embedded.package_dirs(model_dir, entry, python=python)

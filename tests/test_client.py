@@ -25,10 +25,11 @@ from loader.client import (
     raise_error,
 )
 from loader.transport import Response
+from lockgen.bundle import bundle_filename, write_bundle
 from lockgen.errors import LockfileError
-from tests.daemon_support import lock_model, running_daemon, url_dep
+from tests.daemon_support import bundled_dep, lock_model, running_daemon, url_dep
 from tests.support.index import PackageIndex
-from tests.support.wheels import build_wheel
+from tests.support.wheels import build_wheel, sha256_file
 
 
 @pytest.fixture(autouse=True)
@@ -102,6 +103,41 @@ print(json.dumps({"view": str(result.view), "heavy": [m for m in heavy if m in s
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out == {"view": str(warm.view), "heavy": []}
+
+
+def test_a_warm_resolve_neither_hashes_nor_opens_bundles(
+    short_tmp: Path, tmp_path: Path, wheel_dir: Path
+) -> None:
+    wheel = build_wheel(wheel_dir, "tau", files={"tau/__init__.py": "NAME = 'tau'\n"})
+    bundle = tmp_path / bundle_filename(wheel.name)
+    write_bundle(wheel, bundle)
+    model = tmp_path / "m"
+    entry = lock_model(model, [bundled_dep(model, bundle, sha256_file(wheel))])
+    code = """
+import json, sys
+from pathlib import Path
+from cas_daemon import bundle_keys
+from loader.client import find_daemon
+from lockgen.lockfile import read_lockfile
+hashed = []
+bundle_keys.sha256_file = lambda path: hashed.append(str(path))
+client = find_daemon()
+result = client.resolve(Path(sys.argv[1]), read_lockfile(Path(sys.argv[1])).entries[0])
+loaded = [m for m in ("zipfile", "lockgen.bundle", "zstandard") if m in sys.modules]
+print(json.dumps({"view": str(result.view), "hashed": hashed, "loaded": loaded}))
+"""
+    with running_daemon(short_tmp, tmp_path / "store") as daemon:
+        cold = daemon.client().resolve(model, entry)  # hashes the bundle once, remembers it
+        env = {"WHEELCAS_SOCKET": str(daemon.socket_path)}
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(model)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"view": str(cold.view), "hashed": [], "loaded": []}
 
 
 def test_errors_come_back_as_their_own_class() -> None:

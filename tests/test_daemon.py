@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from cas_daemon import bundle_keys
+from cas_daemon.bundle_keys import DigestCache
 from cas_daemon.config import (
     SETTINGS,
     ConfigError,
@@ -34,9 +36,9 @@ from cas_daemon.layout import StoreLayout
 from cas_daemon.progress import ProgressEvent
 from cas_daemon.protocol import BadRequest, HostNotAllowed, check_host, parse_resolve_request
 from loader.client import DaemonError, DaemonUnavailable, ResolveResult
-from lockgen.bundle import bundle_filename, write_bundle
+from lockgen.bundle import bundle_filename, read_bundle_header, write_bundle
 from lockgen.errors import WheelcasError
-from lockgen.lockfile import LockedDep, sha256_hex
+from lockgen.lockfile import LockedDep, LockEntry, sha256_hex
 from tests.daemon_support import (
     Daemon,
     bundled_dep,
@@ -46,6 +48,7 @@ from tests.daemon_support import (
     start_daemon,
     url_dep,
 )
+from tests.support.bundles import write_forged_bundle
 from tests.support.index import PackageIndex
 from tests.support.wheels import build_wheel, sha256_file
 
@@ -577,10 +580,17 @@ def test_resolve_requests_are_validated() -> None:
     request = parse_resolve_request({"deps": [good], "python": {"cache_tag": "cpython-311"}})
     assert request.deps[0].filename == "x-1.0-py3-none-any.whl"
     assert not request.lease
+    bundle = {"sha256": "a" * 64, "bundled": True, "filename": "x.whl.wcb.zst"}
+    keyed = parse_resolve_request(
+        {"deps": [bundle, {**bundle, "bundle_sha256": "b" * 64}], "python": {"cache_tag": "t"}}
+    )
+    assert [(d.sha256, d.key) for d in keyed.deps] == [("a" * 64, "a" * 64), ("a" * 64, "b" * 64)]
     bad_deps = [
         ({"sha256": "A" * 64, "url": "u"}, "deps[0].sha256"),
         ({"sha256": "a" * 64, "bundled": True, "filename": "../x.whl"}, "deps[0].filename"),
         ({"sha256": "a" * 64}, "deps[0].url"),
+        ({**bundle, "bundle_sha256": "b" * 63}, "deps[0].bundle_sha256"),
+        ({**good, "bundle_sha256": "b" * 64}, "deps[0].bundle_sha256"),
     ]
     for dep, where in bad_deps:
         with pytest.raises(BadRequest) as caught:
@@ -625,3 +635,117 @@ def test_an_upload_over_the_limit_is_refused(
             daemon.client().resolve(model, entry)
         assert (caught.value.error_type, caught.value.status) == ("UploadRefused", 413)
         assert "uploads.max_bytes" in str(caught.value)
+
+
+# --- a bundle cannot stand in for a wheel it merely claims to be ----------------------------
+
+
+def _victim_and_forgery(wheel_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A wheel ``victim`` on the index, and a self-consistent bundle of an evil wheel of the
+    same name whose header claims the real wheel's sha256."""
+    (real,) = _wheels(wheel_dir, "victim")
+    evil = build_wheel(tmp_path / "evil", "victim", files={"victim/__init__.py": "NAME = 'evil'\n"})
+    forged = tmp_path / "forged" / bundle_filename(real.name)
+    forged.parent.mkdir()
+    write_forged_bundle(evil, forged, sha256_file(real))
+    assert read_bundle_header(forged).wheel_sha256 == sha256_file(real)
+    return real, forged
+
+
+def _bundled_model(model: Path, bundle: Path, wheel_sha256: str) -> LockEntry:
+    return lock_model(model, [bundled_dep(model, bundle, wheel_sha256)])
+
+
+@pytest.mark.parametrize("victim", ["url", "plain whl"])
+def test_a_forged_bundle_cannot_take_the_place_of_the_wheel_it_claims(
+    daemon: Daemon, package_index: PackageIndex, wheel_dir: Path, tmp_path: Path, victim: str
+) -> None:
+    real, forged = _victim_and_forgery(wheel_dir, tmp_path)
+    sha = sha256_file(real)
+    layout = StoreLayout(daemon.store)
+    client = daemon.client()
+
+    # Uploading the forgery under the wheel's sha256 (what a victim's resolve would use):
+    # refused, its bytes do not hash to it.
+    headers = {"X-Wheelcas-Filename": forged.name}
+    with forged.open("rb") as handle, pytest.raises(HashMismatch) as caught:
+        client._call("PUT", f"/v1/bundles/{sha}", handle, headers=headers)
+    assert (caught.value.expected, caught.value.actual) == (sha, sha256_file(forged))
+    assert files_under(daemon.tmp_dir / "uploads") == []
+
+    # Through a lock of the attacker's own: it gets its own bytes, under their own key.
+    attacker = _bundled_model(tmp_path / "attacker", forged, sha)
+    (evil_site,) = client.resolve(tmp_path / "attacker", attacker).site_dirs
+    assert evil_site == layout.site_dir(sha256_file(forged))
+    assert _import_from([evil_site], "victim") == "evil"
+    assert not layout.tree_dir(sha).exists()
+
+    model = tmp_path / "victim"
+    if victim == "url":
+        entry = lock_model(model, [url_dep(package_index, real)])
+    else:
+        entry = lock_model(model, [bundled_dep(model, real)])
+    result = client.resolve(model, entry)
+    assert result.site_dirs == (layout.site_dir(sha),)
+    assert _import_from(result.package_dirs, "victim") == "victim"
+    if victim == "url":
+        assert package_index.downloads(real.name) == 1  # fetched, not taken from the forgery
+    else:
+        assert client.status()["counters"]["uploads"] == 2  # the forgery's, then the real one
+
+
+def test_bundles_claiming_the_same_wheel_get_separate_trees(
+    daemon: Daemon, wheel_dir: Path, tmp_path: Path
+) -> None:
+    real, forged = _victim_and_forgery(wheel_dir, tmp_path)
+    sha = sha256_file(real)
+    honest = tmp_path / "honest" / bundle_filename(real.name)
+    honest.parent.mkdir()
+    write_bundle(real, honest)
+    client = daemon.client()
+
+    mallory = client.resolve(tmp_path / "m1", _bundled_model(tmp_path / "m1", forged, sha))
+    alice = client.resolve(tmp_path / "m2", _bundled_model(tmp_path / "m2", honest, sha))
+
+    layout = StoreLayout(daemon.store)
+    assert mallory.site_dirs == (layout.site_dir(sha256_file(forged)),)
+    assert alice.site_dirs == (layout.site_dir(sha256_file(honest)),)
+    assert mallory.view != alice.view
+    assert _import_from(alice.package_dirs, "victim") == "victim"
+    assert _import_from(mallory.package_dirs, "victim") == "evil"
+    assert not layout.tree_dir(sha).exists()
+
+
+def test_warm_resolves_do_not_hash_bundles_again(
+    daemon: Daemon, wheel_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain, packed = _wheels(wheel_dir, "warm_plain", "warm_packed")
+    bundle = tmp_path / bundle_filename(packed.name)
+    write_bundle(packed, bundle)
+    model = tmp_path / "m"
+    entry = lock_model(
+        model, [bundled_dep(model, plain), bundled_dep(model, bundle, sha256_file(packed))]
+    )
+    hashed: list[Path] = []
+    real_hash = bundle_keys.sha256_file
+
+    def counting_hash(path: Path) -> str:
+        hashed.append(path)
+        return real_hash(path)
+
+    monkeypatch.setattr(bundle_keys, "sha256_file", counting_hash)
+
+    cold = daemon.client().resolve(model, entry)
+    warm = daemon.client().resolve(model, entry)
+    # Another process: nothing in memory, the user's digest file read afresh.
+    fresh = DigestCache(bundle_keys.default_cache_path())
+    again = daemon.client(digests=fresh).resolve(model, entry)
+
+    assert len(hashed) == 1  # the compressed bundle, once; a plain .whl is never hashed here
+    assert cold.view == warm.view == again.view
+    assert warm.already_ready == again.already_ready == 2
+
+    copy = model / str(entry.locked_deps[1].bundled_whl_path)
+    os.utime(copy, ns=(0, 0))  # touched: hashed again, the same key
+    assert daemon.client(digests=fresh).resolve(model, entry).view == cold.view
+    assert len(hashed) == 2

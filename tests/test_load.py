@@ -109,7 +109,7 @@ def load_and_infer(model: Path, opts: dict[str, Any], env: dict[str, str] | None
         import json, sys
         from loader import load_unpacked
         m = load_unpacked({str(model)!r}, required_framework_version=">=3.8",
-                          runner_opts={opts!r})
+                          runner_opts={opts!r}, isolated=False)
         out = m.infer({{"x": [1, 2, 3]}})
         heavy = sorted(n for n in ("aiohttp", "zstandard", "numpy", "asyncio", "ssl",
                                   "urllib.request") if n in sys.modules)

@@ -87,7 +87,7 @@ def test_a_lease_keeps_a_live_loaders_packages_until_it_is_killed(
                 import sys, time
                 from loader import load_unpacked
                 m = load_unpacked({str(model)!r}, required_framework_version="*",
-                                  runner_opts={OPTS!r})
+                                  runner_opts={OPTS!r}, isolated=False)
                 print(m.infer({{"x": [1]}})["alpha"], flush=True)
                 time.sleep(120)
                 """

@@ -21,6 +21,7 @@ from cas_daemon.progress import ProgressEvent
 from cas_daemon.store import Store, WheelRef
 from lockgen.bundle import bundle_filename, write_bundle
 from lockgen.lockfile import LockedDep, sha256_hex
+from tests.support.bundles import write_forged_bundle
 from tests.support.index import PackageIndex
 from tests.support.wheels import build_wheel, sha256_file
 
@@ -333,9 +334,13 @@ def test_compressed_bundle_is_unpacked_and_checked(
 ) -> None:
     (wheel,) = _wheels(wheel_dir, "alpha")
     ref = _compressed_bundle_ref(tmp_path / "model", wheel, sha256_file(wheel))
+    assert ref.bundle_path is not None
+    assert (ref.sha256, ref.wheel_sha256) == (sha256_file(ref.bundle_path), sha256_file(wheel))
 
     (site,) = store.ready([ref])
 
+    assert site == store.layout.site_dir(sha256_file(ref.bundle_path))  # keyed by its bytes
+    assert not store.layout.tree_dir(sha256_file(wheel)).exists()
     assert (site / "alpha" / "__init__.py").read_text() == "NAME = 'alpha'\n"
     assert list((site / "alpha" / "__pycache__").glob(f"*.{TAG}.pyc"))
     assert _files(store.layout.blobs_dir) == []
@@ -354,6 +359,47 @@ def test_compressed_bundle_of_another_wheel_is_refused(
     assert caught.value.url == str(ref.bundle_path)
     assert caught.value.actual == sha256_file(stale)
     assert not store.layout.tree_dir(ref.sha256).exists()
+
+
+def test_a_forged_bundle_does_not_become_the_wheel_it_claims(
+    store: Store, package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
+) -> None:
+    (wheel,) = _wheels(wheel_dir, "alpha")
+    sha = sha256_file(wheel)
+    evil = build_wheel(tmp_path / "evil", "alpha", files={"alpha/__init__.py": "NAME = 'evil'\n"})
+    model = tmp_path / "model"
+    relpath = f".carton/bundled_wheels/{sha}/{bundle_filename(wheel.name)}"
+    (model / relpath).parent.mkdir(parents=True)
+    write_forged_bundle(evil, model / relpath, sha)
+    forged = WheelRef.from_locked_dep(
+        LockedDep(sha256=sha256_hex(sha), bundled_whl_path=relpath), model
+    )
+
+    (evil_site,) = store.ready([forged])
+    (site,) = store.ready([_ref(package_index, wheel)])
+
+    assert evil_site == store.layout.site_dir(sha256_file(model / relpath))
+    assert site == store.layout.site_dir(sha) != evil_site
+    assert (site / "alpha" / "__init__.py").read_text() == "NAME = 'alpha'\n"
+    assert package_index.downloads(wheel.name) == 1
+
+
+def test_a_bundle_changed_after_its_key_was_taken_is_refused(
+    store: Store, wheel_dir: Path, tmp_path: Path
+) -> None:
+    first, second = _wheels(wheel_dir, "alpha", "beta")
+    ref = _compressed_bundle_ref(tmp_path / "model", first, sha256_file(first))
+    assert ref.bundle_path is not None
+    write_bundle(second, ref.bundle_path)  # swapped between the key and the unpacking
+
+    with pytest.raises(HashMismatch) as caught:
+        store.ready([ref])
+
+    assert (caught.value.expected, caught.value.actual) == (
+        ref.sha256,
+        sha256_file(ref.bundle_path),
+    )
+    assert _files(store.layout.trees_dir) == []
 
 
 def test_a_cancelled_ready_leaves_nothing_and_releases_the_lock(
