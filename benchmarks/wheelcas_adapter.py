@@ -114,10 +114,7 @@ def _refs(model_dir: Path) -> list[WheelRef]:
 
     refs: list[WheelRef] = []
     for dep in locked_deps(model_dir):
-        bundle = (
-            None if dep.bundled_whl_path is None else model_dir.absolute() / dep.bundled_whl_path
-        )
-        refs.append(WheelRef(dep.sha256, dep.filename, url=dep.url, bundle_path=bundle))
+        refs.append(WheelRef.from_locked_dep(dep, model_dir))
     return refs
 
 

@@ -356,6 +356,7 @@ class Store:
                 site = self.layout.site_dir(sha)
                 pools = self._compile_pools()
                 await _locked_step(compile_published, site, python, marker, pools=pools)
+                await _locked_step(self._dedupe, sha)  # the new .pyc may match other trees'
                 emit("ready")
             else:  # another process published it while this one waited for the lock
                 emit("cached")
@@ -417,7 +418,28 @@ class Store:
         except BaseException:
             remove_sealed(staging)
             raise
+        self._dedupe(ref.sha256)
         return source.stat().st_size
+
+    def _dedupe(self, key: str) -> None:
+        """Share files identical to ones of other trees (see :mod:`cas_daemon.dedupe`).
+
+        Only an optimisation: a tree that could not be deduplicated is still complete.
+        """
+        import logging  # kept off the warm path, like everything the cold path needs
+
+        from cas_daemon.dedupe import dedupe_tree
+
+        log = logging.getLogger(__name__)
+        try:
+            result = dedupe_tree(self.layout, self.layout.site_dir(key))
+        except OSError as exc:
+            log.warning("could not deduplicate %s: %s", self.layout.site_dir(key), exc)
+            return
+        if result.files_linked:
+            log.debug(
+                "%s: %d files shared, %d bytes saved", key, result.files_linked, result.bytes_saved
+            )
 
 
 def _check_bundled(source: Path, ref: WheelRef) -> bool:
