@@ -335,6 +335,7 @@ async def serve(
         if orphans:
             await asyncio.wait(orphans, timeout=config.shutdown_timeout)
         await service.aclose()
+        await store.aclose()  # stops the compile workers now rather than at exit
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
 

@@ -351,3 +351,47 @@ def test_module_level_compile_tree_uses_the_default_pools(tmp_path: Path) -> Non
     site = _tree(tmp_path / "site", {"z.py": "Z = 1\n"})
     compile_tree(site, sys.executable)
     assert _pyc(site / "z.py").is_file()
+
+
+def test_a_forked_child_starts_its_own_workers(tmp_path: Path) -> None:
+    """The child must not use, nor hold open, the parent's pipes to its workers."""
+    sites = [_tree(tmp_path / name, {"m.py": "M = 1\n"}) for name in ("a", "b", "c")]
+    code = textwrap.dedent(
+        f"""\
+        import os, sys, time
+        from pathlib import Path
+        from cas_daemon.precompile import CompilerPools
+
+        pools = CompilerPools(workers=1)
+        pools.compile_tree(Path({str(sites[0])!r}), sys.executable)
+        (parent_worker,) = pools.worker_pids()[sys.executable]
+        child = os.fork()
+        if child == 0:
+            pools.compile_tree(Path({str(sites[1])!r}), sys.executable)
+            assert pools.worker_pids()[sys.executable] != [parent_worker]
+            pools.close()
+            time.sleep(3)  # still alive while the parent closes its own pools
+            os._exit(0)
+        time.sleep(0.5)
+        pools.compile_tree(Path({str(sites[2])!r}), sys.executable)
+        started = time.monotonic()
+        pools.close()  # its worker sees EOF at once: the child holds no copy of the pipe
+        print(round(time.monotonic() - started, 1), os.path.exists(f"/proc/{{parent_worker}}"))
+        _, status = os.waitpid(child, 0)
+        sys.exit(os.waitstatus_to_exitcode(status))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-W", "ignore::DeprecationWarning", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=REPO,
+    )
+
+    assert done.returncode == 0, done.stderr
+    seconds, alive = done.stdout.split()
+    assert float(seconds) < 2
+    assert alive == "False"
+    assert all(_pyc(site / "m.py").is_file() for site in sites)

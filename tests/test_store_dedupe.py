@@ -20,9 +20,7 @@ def test_identical_files_of_two_versions_are_stored_once(tmp_path: Path) -> None
         )
         for version in ("1.0", "2.0")
     ]
-    refs = [
-        WheelRef(sha256_hex(sha256_file(w)), w.name, bundle_path=w.absolute()) for w in wheels
-    ]
+    refs = [WheelRef(sha256_hex(sha256_file(w)), w.name, bundle_path=w.absolute()) for w in wheels]
     store = Store(StoreLayout(default_store_root()))
     first, second = store.ready(refs)
     assert (first / "pkg" / "big.py").stat().st_ino == (second / "pkg" / "big.py").stat().st_ino
