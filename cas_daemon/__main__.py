@@ -18,12 +18,13 @@ import re
 import socket
 import stat
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from cas_daemon import systemd
 from cas_daemon.config import ConfigError, DaemonConfig, load_config
 from cas_daemon.errors import StoreError
+from cas_daemon.flock import try_flock
 from cas_daemon.layout import StoreLayout
 from cas_daemon.precompile import remove_sealed
 from lockgen.errors import WheelcasError
@@ -69,22 +70,6 @@ def claim_store(layout: StoreLayout) -> int:
     return fd
 
 
-@contextlib.contextmanager
-def _try_lock(path: Path) -> Iterator[bool]:
-    """Whether this process got the ``flock`` on ``path`` without waiting; held in the block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-        else:
-            yield True
-    finally:
-        os.close(fd)
-
-
 def sweep_tmp(layout: StoreLayout) -> list[str]:
     """Remove what crashed processes left in ``tmp/``; the names removed.
 
@@ -108,7 +93,7 @@ def sweep_tmp(layout: StoreLayout) -> list[str]:
         elif dot and head.startswith(_VIEW_PREFIX) and _SHA256.fullmatch(head[len(_VIEW_PREFIX) :]):
             groups.setdefault(layout.view_lock_path(head[len(_VIEW_PREFIX) :]), []).append(entry)
     for lock, entries in groups.items():
-        with _try_lock(lock) as held:
+        with try_flock(lock) as held:
             if held:
                 for entry in entries:
                     remove_sealed(entry)

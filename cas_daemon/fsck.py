@@ -8,13 +8,10 @@ anything unless asked to repair.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
-import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,6 +27,7 @@ from cas_daemon.diskscan import (
     sorted_entries,
 )
 from cas_daemon.errors import StoreError
+from cas_daemon.flock import try_flock
 from cas_daemon.layout import StoreLayout
 from cas_daemon.metadata import Clock, IsAlive, Lease, Metadata, Root
 
@@ -131,22 +129,6 @@ class FsckReport:
             where = f" {f.path}" if f.path is not None else ""
             out.append(f"{f.kind} ({state}):{where}: {f.detail}")
         return out
-
-
-@contextlib.contextmanager
-def try_flock(path: Path) -> Iterator[bool]:
-    """Hold ``path``'s exclusive flock for the block if it is free; whether it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-        else:
-            yield True
-    finally:
-        os.close(fd)  # closing the only descriptor releases the lock
 
 
 def _lock_of_tmp_entry(layout: StoreLayout, name: str) -> Path | None:

@@ -20,7 +20,7 @@ from typing import Any, Literal, Protocol
 
 from cas_daemon import leases
 from cas_daemon.diskscan import index_tree, index_view, scan_disk
-from cas_daemon.fsck import try_flock
+from cas_daemon.flock import try_flock
 from cas_daemon.layout import StoreLayout
 from cas_daemon.metadata import IsAlive, Metadata
 from cas_daemon.precompile import remove_sealed
