@@ -14,8 +14,10 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from benchmarks import daemon_measures, measures
+from benchmarks import daemon_measures, isolated_measures, measures
 from benchmarks import wheelcas_adapter as wc
+from benchmarks.isolated_measures import THROUGHPUT_ROW_MIB
+from benchmarks.isolated_worker import OVERHEAD_CALLS
 from benchmarks.report import Outcome, Row, Target, Unit, format_seconds, format_value, judged
 from benchmarks.session import Session
 
@@ -41,6 +43,8 @@ TARGETS: dict[str, Target] = {
     # One merged directory imports as fast as a venv, within 2 %.
     "view_import": Target(max_ratio=1.02),
     "view_import_appended": Target(max_ratio=1.02),
+    # Isolated worker: a small tensor's round trip under 100 us (Carton's claim).
+    "infer_overhead": Target(max_seconds=100e-6),
 }
 
 
@@ -81,6 +85,12 @@ PIP_IMPORT = Yardstick(
     name="pip_import",
     what="R40 imports, pip venv with .pyc",
     measure=measures.pip_import,
+)
+IMPORT_NUMPY = Yardstick(
+    name="import_numpy",
+    what='python -c "import numpy", the same interpreter (the venv\'s numpy)',
+    measure=isolated_measures.import_numpy,
+    cheap=True,
 )
 VENVS_BYTES = Yardstick(
     name="venvs_bytes",
@@ -190,6 +200,26 @@ WHEELCAS_FIGURES: tuple[Figure, ...] = (
         single=True,
         unit="B",
     ),
+    Figure(
+        name="infer_overhead",
+        what=f"(i) isolated worker: p50 of {OVERHEAD_CALLS} infer() round trips of a "
+        "float32[16] through the doubler, one loader process",
+        measure=isolated_measures.infer_overhead,
+        cheap=True,
+    ),
+    Figure(
+        name="infer_throughput",
+        what=f"(j) isolated worker: infer() round trip of a {THROUGHPUT_ROW_MIB} MiB float32 "
+        "tensor through the doubler (1 and 512 MiB and numpy.copyto in the notes)",
+        measure=isolated_measures.infer_throughput,
+    ),
+    Figure(
+        name="warm_load",
+        what="(k) warm load_unpacked(doubler, isolated=True) + close(), a new process",
+        measure=isolated_measures.warm_load,
+        yardstick=IMPORT_NUMPY,
+        cheap=True,
+    ),
 )
 
 YARDSTICK_FIGURES: tuple[Figure, ...] = tuple(
@@ -201,7 +231,7 @@ YARDSTICK_FIGURES: tuple[Figure, ...] = tuple(
         single=y.unit == "B",
         unit=y.unit,
     )
-    for y in (UV_COLD, UV_WARM, PIP_IMPORT, VENVS_BYTES)
+    for y in (UV_COLD, UV_WARM, PIP_IMPORT, VENVS_BYTES, IMPORT_NUMPY)
 )
 
 ALL_FIGURES: dict[str, Figure] = {f.name: f for f in (*WHEELCAS_FIGURES, *YARDSTICK_FIGURES)}
