@@ -9,13 +9,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from loader import aio as aio
     from loader.api import load_unpacked as load_unpacked
     from loader.model import Model as Model
     from loader.packing import get_model_info as get_model_info
     from loader.packing import load as load
     from loader.packing import pack as pack
+    from loader.selftesting import selftest as selftest
 
-__all__ = ["Model", "get_model_info", "load", "load_unpacked", "pack"]
+__all__ = ["Model", "aio", "get_model_info", "load", "load_unpacked", "pack", "selftest"]
 
 
 def __getattr__(name: str) -> Any:
@@ -23,6 +25,15 @@ def __getattr__(name: str) -> Any:
         from loader.api import load_unpacked
 
         return load_unpacked
+    if name == "aio":
+        import importlib
+
+        return importlib.import_module("loader.aio")
+    if name == "selftest":
+        # In loader.selftesting, not loader.selftest, for the reason given for `pack` below.
+        from loader.selftesting import selftest
+
+        return selftest
     if name == "Model":
         from loader.model import Model
 

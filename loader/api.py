@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from loader import embedded, syspath
+from loader import conflicts, embedded, syspath
 from loader.errors import ModelConfigError
 from loader.model import Model, ModelInfo, instantiate
 from loader.options import OptionValue, parse_runner_opts
@@ -76,6 +77,7 @@ def load_unpacked(
         raise ModelConfigError(f"{model_dir} is not a directory; pass the model's code dir.")
     dirs = ready_package_dirs(model_dir, daemon=daemon)
     plan = embedded.plan_for(model_dir, dirs)
+    conflicts.check_no_conflicts(plan.entries[1:], sys.modules)  # [0] is the code dir
     syspath.apply(plan)
     device = _visible_device_env(visible_device)
     if device is not None:

@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, metavar="MODEL", help="a .carton file or unpacked dir")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = sub.add_parser("selftest", help="run a packed model's self-tests; exit 1 if one fails")
+    p.add_argument("model", type=Path, metavar="FILE.carton")
+    p.add_argument("--python", metavar="RANGE", help="override required_framework_version")
+    p.add_argument(
+        "--in-process", action="store_true", help="load the model in this process, not a worker"
+    )
+
     p = sub.add_parser("path", help="print the model's PYTHONPATH (locking if needed)")
     p.add_argument("model_dir", type=Path, metavar="DIR")
     p.add_argument("--lines", action="store_true", help="one entry per line")
@@ -338,6 +345,15 @@ def _cmd_info(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_selftest(ns: argparse.Namespace) -> int:
+    from loader.selftesting import print_report, selftest
+
+    options: dict[str, Any] = {"isolated": not ns.in_process}
+    if ns.python:
+        options["override_required_framework_version"] = ns.python
+    return print_report(selftest(ns.model, **options))
+
+
 def _cmd_path(ns: argparse.Namespace) -> int:
     from loader import embedded
     from loader.packages import ready_package_dirs
@@ -448,6 +464,7 @@ _COMMANDS = {
     "infer": _cmd_infer,
     "pack": _cmd_pack,
     "info": _cmd_info,
+    "selftest": _cmd_selftest,
     "path": _cmd_path,
     "daemon": _cmd_daemon,
     "status": _cmd_status,

@@ -3,6 +3,8 @@
 Candidates, in this order (the first of equal versions wins):
 
 1. the paths in ``$WHEELCAS_PYTHONS`` (``os.pathsep``-separated), and any given by the caller;
+   then those in ``python.interpreters`` of the daemon's configuration file (the file
+   ``wheelcas daemon`` reads by default, see :func:`cas_daemon.config.default_config_path`);
 2. the running interpreter;
 3. every ``python3.X`` on ``PATH``, except pyenv's shims (a shim runs only the versions pyenv
    has selected for the current directory, so what it runs depends on where we stand);
@@ -28,6 +30,7 @@ from loader.semver import Version, VersionReq
 from lockgen.errors import InterpreterError
 
 PYTHONS_ENV = "WHEELCAS_PYTHONS"
+CONFIG_SOURCE = "python.interpreters"
 #: The worker's bootstrap and tensor code keep to Python 3.8 (see ``loader/tensors.py``).
 MIN_WORKER_VERSION: Version = (3, 8, 0)
 _NAME = re.compile(r"^python(3)\.(\d+)$")
@@ -40,7 +43,7 @@ Minor = tuple[int, int]
 @dataclass(frozen=True, slots=True)
 class Candidate:
     path: str
-    source: str  # where it was found: "WHEELCAS_PYTHONS", "current", "PATH", "pyenv"
+    source: str  # where it was found: "WHEELCAS_PYTHONS", CONFIG_SOURCE, "current", "PATH"...
     minor: Minor | None  # what its name says, before probing
 
 
@@ -148,7 +151,8 @@ def no_interpreter_message(
     if not listing:
         lines.append("  (none)")
     lines.append(
-        f"Install a matching Python (e.g. `pyenv install`), or list its path in {PYTHONS_ENV}."
+        f"Install a matching Python (e.g. `pyenv install`), or list its path in {PYTHONS_ENV} "
+        f"(or in {CONFIG_SOURCE} of the daemon's configuration file)."
     )
     return "\n".join(lines)
 
@@ -167,6 +171,7 @@ def discover(
     found: list[Candidate] = []
     configured = [*extra, *(p for p in env.get(PYTHONS_ENV, "").split(os.pathsep) if p)]
     found += [Candidate(p, PYTHONS_ENV, minor_from_name(p)) for p in configured]
+    found += [Candidate(p, CONFIG_SOURCE, minor_from_name(p)) for p in configured_in_file(env)]
     if current:
         found.append(Candidate(current, "current", sys.version_info[:2]))
     for directory in env.get("PATH", "").split(os.pathsep):
@@ -183,6 +188,16 @@ def discover(
             Candidate(p, "pyenv", minor_from_name(p)) for p in _pythons_in(str(version_dir / "bin"))
         ]
     return dedupe((c for c in found if os.access(c.path, os.X_OK)), _identity)
+
+
+def configured_in_file(environ: Mapping[str, str]) -> list[str]:
+    """``python.interpreters`` of the daemon's default configuration file, if there is one."""
+    from cas_daemon.config import default_config_path, is_system_mode, load_config
+
+    path = default_config_path(environ, system=is_system_mode(environ))
+    if not path.is_file():
+        return []
+    return [str(p) for p in load_config(path, environ=environ).interpreters]
 
 
 def _pythons_in(directory: str) -> list[str]:

@@ -181,3 +181,28 @@ def test_probe_of_something_that_is_not_python(tmp_path: Path) -> None:
     script.chmod(0o755)
     assert interpreters.probe(str(script)) is None
     assert interpreters.probe(str(tmp_path / "missing")) is None
+
+
+def test_discover_reads_the_daemon_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # user mode even when run as root
+    from_env = _executable(tmp_path / "env" / "python")
+    from_file = _executable(tmp_path / "file" / "python3.12")
+    config = tmp_path / "config" / "wheelcas" / "daemon.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text(f'[python]\ninterpreters = ["{from_file}", "{tmp_path / "missing"}"]\n')
+    env = {
+        "WHEELCAS_PYTHONS": str(from_env),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+        "PATH": "",
+        "PYENV_ROOT": str(tmp_path / "no-pyenv"),
+    }
+    found = interpreters.discover(env, current="/nonexistent/python")
+    assert [(c.path, c.source) for c in found] == [
+        (str(from_env), "WHEELCAS_PYTHONS"),
+        (str(from_file), "python.interpreters"),
+    ]
+    assert found[1].minor == (3, 12)
+    config.unlink()
+    assert [c.path for c in interpreters.discover(env, current=None)] == [str(from_env)]

@@ -376,3 +376,37 @@ def test_every_dtype_through_a_worker_and_streaming(tensor_model: Path) -> None:
         assert int(next(partial)["i"]) == 0
         partial.close()  # abandoned early: the rest is drained, the next call starts clean
         assert int(stream.infer({"x": x})["i"]) == 2
+
+
+@pytest.mark.slow
+def test_a_model_pinning_another_numpy_than_the_hosts_gets_its_own(
+    tmp_path: Path, wheel_dir: Path, index_env: PackageIndex
+) -> None:
+    old = sorted(Path("/opt/pypi/files").glob("numpy-1.*-cp311-cp311-manylinux*x86_64.whl"))
+    if not old or sys.version_info[:2] != (3, 11):
+        pytest.skip("needs an offline numpy 1.x wheel for CPython 3.11 and a 3.11 test process")
+    pinned = old[-1].name.split("-")[1]
+    assert pinned != np.__version__  # the host runs numpy 2
+    shutil.copy(old[-1], wheel_dir)
+    model_dir = tmp_path / "old-numpy"
+    model_dir.mkdir()
+    (model_dir / "entry.py").write_text(
+        "import numpy as np\n"
+        "class M:\n"
+        "    def infer_with_tensors(self, tensors):\n"
+        "        return {'version': np.array(np.__version__), 'y': tensors['x'] * 2}\n"
+        "def get_model():\n"
+        "    return M()\n"
+    )
+    (model_dir / "requirements.txt").write_text(f"numpy=={pinned}\n")
+    model = load_unpacked(
+        model_dir,
+        required_framework_version="=3.11",
+        runner_opts={"entrypoint_package": "entry", "entrypoint_fn": "get_model"},
+    )
+    try:
+        out = model.infer({"x": np.arange(3, dtype=np.int64)})
+    finally:
+        model.close()
+    assert str(out["version"]) == pinned
+    assert out["y"].tolist() == [0, 2, 4]
