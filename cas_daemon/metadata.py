@@ -330,10 +330,11 @@ class Metadata:
             )
 
     def last_used(self, sha256: str) -> float | None:
+        return self._last_used("SELECT last_used_at FROM wheels WHERE sha256 = ?", sha256)
+
+    def _last_used(self, query: str, key: str) -> float | None:
         with self._lock:
-            row = self._conn.execute(
-                "SELECT last_used_at FROM wheels WHERE sha256 = ?", (sha256,)
-            ).fetchone()
+            row = self._conn.execute(query, (key,)).fetchone()
         return None if row is None else float(row[0])
 
     # --- views ------------------------------------------------------------------------
@@ -380,11 +381,7 @@ class Metadata:
             self._conn.execute("DELETE FROM views WHERE key = ?", (key,))
 
     def view_last_used(self, key: str) -> float | None:
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT last_used_at FROM views WHERE key = ?", (key,)
-            ).fetchone()
-        return None if row is None else float(row[0])
+        return self._last_used("SELECT last_used_at FROM views WHERE key = ?", key)
 
     # --- leases -----------------------------------------------------------------------
 

@@ -68,9 +68,8 @@ def build_dependencies(wheel_dir: Path) -> None:
     )
 
 
-@pytest.fixture
-def model(tmp_path: Path, wheel_dir: Path, package_index: PackageIndex) -> Path:
-    """A model locked against the loopback index."""
+def make_model(tmp_path: Path, wheel_dir: Path, package_index: PackageIndex) -> Path:
+    """A model (pkg/entry.py: ENTRY) locked against the loopback index."""
     build_dependencies(wheel_dir)
     model_dir = tmp_path / "model"
     (model_dir / "pkg").mkdir(parents=True)
@@ -79,6 +78,11 @@ def model(tmp_path: Path, wheel_dir: Path, package_index: PackageIndex) -> Path:
     (model_dir / "requirements.txt").write_text("alpha\npthdep\n")
     lock(model_dir, pip_args=package_index.pip_args())
     return model_dir
+
+
+@pytest.fixture
+def model(tmp_path: Path, wheel_dir: Path, package_index: PackageIndex) -> Path:
+    return make_model(tmp_path, wheel_dir, package_index)
 
 
 def run_python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -14,24 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from lockgen import lock
 from tests.daemon_support import Daemon, running_daemon
 from tests.support.index import PackageIndex
-from tests.test_load import ENTRY, OPTS, build_dependencies, load_and_infer, run_cli
+from tests.test_load import OPTS, load_and_infer, make_model, run_cli
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def model(tmp_path: Path, wheel_dir: Path, package_index: PackageIndex) -> Path:
-    build_dependencies(wheel_dir)
-    model_dir = tmp_path / "model"
-    (model_dir / "pkg").mkdir(parents=True)
-    (model_dir / "pkg" / "__init__.py").write_text("")
-    (model_dir / "pkg" / "entry.py").write_text(ENTRY)
-    (model_dir / "requirements.txt").write_text("alpha\npthdep\n")
-    lock(model_dir, pip_args=package_index.pip_args())
-    return model_dir
+    return make_model(tmp_path, wheel_dir, package_index)
 
 
 @pytest.fixture
