@@ -10,8 +10,9 @@ from pathlib import Path
 
 from loader import conflicts, embedded, syspath
 from loader.errors import ModelConfigError
+from loader.localpkgs import local_package_dirs
 from loader.model import Model, ModelInfo, instantiate
-from loader.options import OptionValue, parse_runner_opts
+from loader.options import OptionInput, OptionValue, normalize_runner_opts, parse_runner_opts
 from loader.packages import DaemonChoice, ready_package_dirs
 from loader.semver import VersionReq, parse_requirement
 from loader.worker import IsolatedModel, WorkerSpec, worker_environment
@@ -26,12 +27,22 @@ def _visible_device_env(visible_device: str | int | None) -> str | None:
     return str(visible_device)
 
 
+def _stored_opts(runner_opts: Mapping[str, OptionInput] | None) -> dict[str, OptionValue]:
+    """The options as Carton keeps them (a list of external dirs joined), for ``ModelInfo``.
+    Called after :func:`parse_runner_opts` accepted them, so every value is kept."""
+    return {
+        key: value
+        for key, value in normalize_runner_opts(runner_opts).items()
+        if isinstance(value, bool | int | float | str)
+    }
+
+
 def load_unpacked(
     path: str | os.PathLike[str],
     runner_name: str = "python",
     required_framework_version: str | None = None,
     runner_compat_version: int | None = None,
-    runner_opts: Mapping[str, OptionValue] | None = None,
+    runner_opts: Mapping[str, OptionInput] | None = None,
     visible_device: str | int | None = None,
     *,
     daemon: DaemonChoice = None,
@@ -50,6 +61,13 @@ def load_unpacked(
     requires one, False never asks), else from the store this process fills itself. Pack-only
     arguments that Carton accepts here (``model_name``, ``inputs``, ...) are accepted and
     ignored.
+
+    ``runner_opts`` may name local package dirs (``bundled_packages_dir``,
+    ``external_package_dirs``, ``keep_external_dir_names``: see :mod:`loader.localpkgs`);
+    they are importable after the code dir and before the locked packages, and a top-level
+    module that two of them, or one of them and a locked wheel, provide is a
+    :class:`ModelConfigError` naming both. A model with external dirs loads as it is, without
+    gathering.
     """
     del runner_compat_version  # accepted for Carton compatibility; one runner version here
     model_dir = Path(path).absolute()
@@ -75,8 +93,9 @@ def load_unpacked(
     options = parse_runner_opts(runner_opts)
     if not model_dir.is_dir():
         raise ModelConfigError(f"{model_dir} is not a directory; pass the model's code dir.")
+    local = local_package_dirs(model_dir, options)  # a missing external dir fails before locking
     dirs = ready_package_dirs(model_dir, daemon=daemon)
-    plan = embedded.plan_for(model_dir, dirs)
+    plan = embedded.plan_for(model_dir, dirs, local)
     conflicts.check_no_conflicts(plan.entries[1:], sys.modules)  # [0] is the code dir
     syspath.apply(plan)
     device = _visible_device_env(visible_device)
@@ -87,7 +106,7 @@ def load_unpacked(
         model_dir=model_dir,
         runner_name=runner_name,
         required_framework_version=required_framework_version,
-        runner_opts=dict(runner_opts or {}),
+        runner_opts=_stored_opts(runner_opts),
         python_version=platform.python_version(),
         sys_path_entries=plan.entries,
     )
@@ -98,7 +117,7 @@ def _load_isolated(
     model_dir: Path,
     requirement: VersionReq,
     runner_name: str,
-    runner_opts: Mapping[str, OptionValue] | None,
+    runner_opts: Mapping[str, OptionInput] | None,
     visible_device: str | int | None,
     daemon: DaemonChoice,
 ) -> IsolatedModel:
@@ -108,16 +127,18 @@ def _load_isolated(
     options = parse_runner_opts(runner_opts)
     if not model_dir.is_dir():
         raise ModelConfigError(f"{model_dir} is not a directory; pass the model's code dir.")
+    local = local_package_dirs(model_dir, options)
     python = interpreters.choose(requirement)
     dirs = ready_package_dirs(model_dir, daemon=daemon, python=python.path)
-    plan = embedded.plan_for(model_dir, dirs)
+    # The worker puts plan.entries on its sys.path and in its children's PYTHONPATH.
+    plan = embedded.plan_for(model_dir, dirs, local)
     env = worker_environment(os.environ, plan.entries, _visible_device_env(visible_device))
     spec = WorkerSpec(python=python.path, code_dir=model_dir, plan=plan, options=options, env=env)
     info = ModelInfo(
         model_dir=model_dir,
         runner_name=runner_name,
         required_framework_version=requirement.text,
-        runner_opts=dict(runner_opts or {}),
+        runner_opts=_stored_opts(runner_opts),
         python_version=python.version_text,
         sys_path_entries=plan.entries,
     )

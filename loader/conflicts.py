@@ -5,14 +5,21 @@ site-packages, a model that locks another numpy would silently run with the host
 in-process load (``isolated=False``) first lists the top-level modules each package dir
 provides and refuses the load when one of them is in ``sys.modules`` from somewhere else.
 The pure parts (:func:`module_names`, :func:`find_conflicts`) take their inputs as values.
+
+The same listing serves a second check (see :mod:`loader.localpkgs`): two dirs of one model's
+``sys.path`` that provide the same top-level module. Only the first one's would ever be
+imported, so :func:`find_provider_clashes` reports such pairs instead of letting the later one
+be shadowed silently; :func:`distribution_owning` names the locked wheel behind an entry of a
+package dir (a tree of one wheel, or the daemon's view of many), for the message.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from loader.errors import ModelConfigError
 
@@ -27,25 +34,34 @@ class Conflict:
     package_dir: str
 
 
-def module_names(listing: Iterable[tuple[str, bool]]) -> set[str]:
-    """The top-level module names a package dir provides, from ``(name, is_dir)`` entries:
-    a dir (a regular or a namespace package), ``NAME.py``, ``NAME.so`` or ``NAME.*.so``.
-    ``*.dist-info``, ``*.data`` and ``__pycache__`` provide nothing."""
-    names: set[str] = set()
-    for entry, is_dir in listing:
+def module_entries(listing: Iterable[tuple[str, bool]]) -> dict[str, str]:
+    """Each top-level module name a package dir provides, with the entry that provides it
+    (a dir with a trailing ``/``: ``common/``, ``common.py``), from ``(name, is_dir)`` entries.
+
+    A dir (a regular or a namespace package), ``NAME.py``, ``NAME.so`` or ``NAME.*.so``
+    provide ``NAME``; ``*.dist-info``, ``*.data`` and ``__pycache__`` provide nothing. When
+    two entries provide one name (``x/`` and ``x.py``), the first in sorted order is named.
+    """
+    entries: dict[str, str] = {}
+    for entry, is_dir in sorted(listing):
         if is_dir:
             if entry.endswith(_IGNORED_SUFFIXES) or entry == "__pycache__":
                 continue
-            name = entry
+            name, shown = entry, entry + "/"
         elif entry.endswith(".py"):
-            name = entry[:-3]
+            name, shown = entry[:-3], entry
         elif entry.endswith(_EXTENSION_SUFFIXES):
-            name = entry.split(".", 1)[0]
+            name, shown = entry.split(".", 1)[0], entry
         else:
             continue
         if name.isidentifier():
-            names.add(name)
-    return names
+            entries.setdefault(name, shown)
+    return entries
+
+
+def module_names(listing: Iterable[tuple[str, bool]]) -> set[str]:
+    """The top-level module names a package dir provides (see :func:`module_entries`)."""
+    return set(module_entries(listing))
 
 
 def _locations(module: object) -> list[str]:
@@ -60,6 +76,11 @@ def _locations(module: object) -> list[str]:
 
 
 def _under(location: str, directory: str) -> bool:
+    """Whether ``location`` is in ``directory``, as given or with symlinks resolved: a module
+    imported through a dir of symlinks (a link dir of external package dirs, a view in
+    ``symlink`` mode) resolves to outside it but was still imported from it."""
+    if Path(os.path.abspath(location)).is_relative_to(os.path.abspath(directory)):  # noqa: PTH100
+        return True
     return Path(os.path.realpath(location)).is_relative_to(os.path.realpath(directory))
 
 
@@ -112,3 +133,183 @@ def check_no_conflicts(package_dirs: Sequence[str], modules: Mapping[str, object
     conflicts = find_conflicts(provided, modules)
     if conflicts:
         raise ModelConfigError(conflict_message(conflicts))
+
+
+# --- two dirs of one sys.path that provide the same top-level module ----------------------
+
+ProviderKind = Literal["bundled", "external", "locked"]
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """One dir of a model's ``sys.path`` and the top-level modules it provides.
+
+    ``modules`` maps each module name to its entry (see :func:`module_entries`). ``shown`` is
+    how messages name the dir (the bundled dir relative to the model dir, so that the user
+    recognizes ``packages/common/``) and ``label`` what the dir is. A locked dir that a
+    ``.pth`` file added has ``pth_file``: the wheel that shipped that file is its provider.
+    """
+
+    kind: ProviderKind
+    path: str
+    shown: str
+    label: str
+    modules: Mapping[str, str] = field(default_factory=dict)
+    pth_file: str | None = None
+
+    def entry(self, module: str) -> str:
+        """``packages/common/``: the provider's dir as shown, and the module's entry in it."""
+        return f"{self.shown.rstrip('/')}/{self.modules[module]}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderClash:
+    """``module`` is provided by ``first`` (earlier on ``sys.path``: imported) and ``other``."""
+
+    module: str
+    first: Provider
+    other: Provider
+
+
+def find_provider_clashes(providers: Sequence[Provider]) -> list[ProviderClash]:
+    """Every pair of ``providers`` (in ``sys.path`` order) that give one top-level module.
+
+    Two locked dirs are not a clash here: a lock entry's wheels are checked against each other
+    by the store when it merges them (``cas_daemon.views``), and a ``.pth`` dir may well
+    repeat what its own wheel provides. A dir listed twice counts once.
+    """
+    clashes: list[ProviderClash] = []
+    seen: dict[str, list[Provider]] = {}
+    paths: set[str] = set()
+    for provider in providers:
+        if provider.path in paths:
+            continue
+        paths.add(provider.path)
+        for module in sorted(provider.modules):
+            earlier = seen.setdefault(module, [])
+            clashes.extend(
+                ProviderClash(module, first, provider)
+                for first in earlier
+                if not (first.kind == "locked" and provider.kind == "locked")
+            )
+            earlier.append(provider)
+    return clashes
+
+
+def _describe(provider: Provider, module: str, owners: Mapping[tuple[str, str], str]) -> str:
+    where = provider.entry(module)
+    if provider.kind != "locked":
+        return f"{where} ({provider.label})"
+    owner = owners.get((provider.path, module))
+    via = f", added by {Path(provider.pth_file).name}" if provider.pth_file else ""
+    if owner is None:
+        return f"a locked package ({where}{via})"
+    return f"the locked wheel {owner} ({where}{via})"
+
+
+def provider_clash_message(
+    clashes: Sequence[ProviderClash], owners: Mapping[tuple[str, str], str]
+) -> str:
+    """The error for ``clashes``; ``owners`` maps ``(locked dir, module)`` to ``NAME VERSION``
+    of the wheel that provides it (see :func:`locked_owners`)."""
+    lines = [
+        "two providers of one top-level module on the model's sys.path: only the first would "
+        "ever be imported, and the other silently shadowed:"
+    ]
+    lines += [
+        f"  `{c.module}`: {_describe(c.first, c.module, owners)} and "
+        f"{_describe(c.other, c.module, owners)}"
+        for c in clashes
+    ]
+    local_only = all(c.first.kind != "locked" and c.other.kind != "locked" for c in clashes)
+    lines.append(
+        "Rename or remove one of the two (a local module can move into a package of its own name)."
+        if local_only
+        else "Rename or remove one of the two: rename the local module (or move it into a "
+        "package of its own name), or drop the requirement that provides the other from "
+        "requirements.txt and re-lock (`wheelcas lock DIR`)."
+    )
+    return "\n".join(lines)
+
+
+def _metadata_name_version(dist_info: str) -> str:
+    """``NAME VERSION`` from a dist-info's ``METADATA``; from its dir name if unreadable."""
+    name = version = ""
+    try:
+        with open(os.path.join(dist_info, "METADATA"), encoding="utf-8") as f:  # noqa: PTH118
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                if key == "Name" and not name:
+                    name = value.strip()
+                elif key == "Version" and not version:
+                    version = value.strip()
+    except (OSError, UnicodeDecodeError):
+        pass
+    if not (name and version):
+        stem = Path(dist_info).name.removesuffix(".dist-info")
+        name, _, version = stem.partition("-")
+    return f"{name} {version}".strip()
+
+
+def _record_lists(dist_info: str, top: str) -> bool:
+    import csv
+
+    try:
+        with open(os.path.join(dist_info, "RECORD"), encoding="utf-8", newline="") as f:  # noqa: PTH118
+            return any(row and row[0].split("/", 1)[0] == top for row in csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+
+
+def distribution_owning(site_dir: str, entry: str) -> str | None:
+    """``NAME VERSION`` of the wheel in ``site_dir`` whose ``RECORD`` lists the top-level
+    ``entry`` (``common/``, ``common.py``, ``x.pth``), or None.
+
+    ``site_dir`` is one wheel's tree or the daemon's view of many; a tree with a single
+    dist-info and no usable ``RECORD`` is that wheel's. Reads files: call it once a clash is
+    found, never on a normal load.
+    """
+    top = entry.rstrip("/")
+    dist_infos = sorted(
+        os.path.join(site_dir, name)  # noqa: PTH118
+        for name, is_dir in _listing(site_dir)
+        if is_dir and name.endswith(".dist-info")
+    )
+    for dist_info in dist_infos:
+        if _record_lists(dist_info, top):
+            return _metadata_name_version(dist_info)
+    if len(dist_infos) == 1:
+        return _metadata_name_version(dist_infos[0])
+    return None
+
+
+def locked_owners(clashes: Sequence[ProviderClash]) -> dict[tuple[str, str], str]:
+    """``(locked dir, module)`` -> ``NAME VERSION`` for the locked sides of ``clashes``."""
+    owners: dict[tuple[str, str], str] = {}
+    for clash in clashes:
+        for provider in (clash.first, clash.other):
+            key = (provider.path, clash.module)
+            if provider.kind != "locked" or key in owners:
+                continue
+            if provider.pth_file is not None:
+                pth = Path(provider.pth_file)
+                owner = distribution_owning(str(pth.parent), pth.name)
+            else:
+                owner = distribution_owning(provider.path, provider.modules[clash.module])
+            if owner is not None:
+                owners[key] = owner
+    return owners
+
+
+def check_provider_clashes(providers: Sequence[Provider]) -> None:
+    """Raise :class:`ModelConfigError` naming both sides of every clash of ``providers``."""
+    clashes = find_provider_clashes(providers)
+    if clashes:
+        raise ModelConfigError(provider_clash_message(clashes, locked_owners(clashes)))
+
+
+def provided_modules(directory: str) -> dict[str, str]:
+    """:func:`module_entries` of a dir on disk (one ``scandir``; nothing if unreadable)."""
+    return module_entries(_listing(directory))

@@ -19,7 +19,9 @@ from pathlib import Path
 
 from cas_daemon.errors import StoreError
 from cas_daemon.store import Store, WheelRef
+from loader import localpkgs
 from loader.errors import MissingBundleError
+from loader.localpkgs import LocalPackageDirs
 from loader.syspath import SysPathPlan, plan_sys_path, scan_package_dir
 from lockgen.lock import lock
 from lockgen.lockfile import LockEntry
@@ -111,5 +113,21 @@ def package_dirs(
     return warm
 
 
-def plan_for(model_dir: Path, dirs: Sequence[Path]) -> SysPathPlan:
-    return plan_sys_path(str(model_dir), [scan_package_dir(d) for d in dirs])
+def plan_for(
+    model_dir: Path, dirs: Sequence[Path], local: LocalPackageDirs | None = None
+) -> SysPathPlan:
+    """The ``sys.path`` plan of a model: its code dir, its ``local`` package dirs (see
+    :mod:`loader.localpkgs`; None: none), then the locked package ``dirs`` with their ``.pth``
+    dirs.
+
+    With local dirs, a top-level module that two of them, or one of them and a locked package,
+    provide is a :class:`~loader.errors.ModelConfigError` naming both. Without (no bundled dir
+    on disk, no external dirs) this costs one ``stat`` more than before.
+    """
+    packages = [scan_package_dir(d) for d in dirs]
+    local_dirs: list[Path] = []
+    if local is not None:
+        local_dirs = localpkgs.importable_dirs(local)
+        if local_dirs:
+            localpkgs.check_local_clashes(model_dir, local, packages)
+    return plan_sys_path(str(model_dir), packages, [str(d) for d in local_dirs])

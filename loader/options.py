@@ -2,20 +2,34 @@
 
 Required: ``entrypoint_package`` (dotted, relative to the code dir) and ``entrypoint_fn``.
 Options named ``model.<name>`` reach the entrypoint as keyword argument ``<name>``. Values are
-int, float, str or bool only, and a bool stays a bool (``False`` is not ``0``).
+int, float, str or bool only, and a bool stays a bool (``False`` is not ``0``): those are the
+types Carton's ``runner_opts`` can hold, so a packed model keeps them as they are.
+
+Local package dirs (see :mod:`loader.localpkgs`): ``bundled_packages_dir`` (default
+``packages``, inside the model dir), ``external_package_dirs`` (one or more dirs, relative to
+the model dir or absolute; several are separated by ``os.pathsep`` as in ``PYTHONPATH``, and
+the Python API also takes a list) and ``keep_external_dir_names`` (bool: each external dir is
+importable under its own name instead of its contents being top-level).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from loader.errors import ModelConfigError
 
 OptionValue = int | float | str | bool
+#: What callers may pass: a list of paths is accepted for ``external_package_dirs``.
+OptionInput = OptionValue | Sequence[str]
 MODEL_PREFIX = "model."
+DEFAULT_BUNDLED_PACKAGES_DIR = "packages"
+BUNDLED_PACKAGES_DIR = "bundled_packages_dir"
+EXTERNAL_PACKAGE_DIRS = "external_package_dirs"
+KEEP_EXTERNAL_DIR_NAMES = "keep_external_dir_names"
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -25,7 +39,15 @@ class RunnerOptions:
     entrypoint_package: str
     entrypoint_fn: str
     model_kwargs: Mapping[str, OptionValue] = field(default_factory=dict)
+    bundled_packages_dir: str = DEFAULT_BUNDLED_PACKAGES_DIR
+    external_package_dirs: tuple[str, ...] = ()
+    keep_external_dir_names: bool = False
     other: Mapping[str, OptionValue] = field(default_factory=dict)
+
+    @property
+    def scattered(self) -> bool:
+        """Whether the model imports code from dirs outside it (Truss's word for it)."""
+        return bool(self.external_package_dirs)
 
 
 def _required_name(
@@ -42,9 +64,46 @@ def _required_name(
     return value
 
 
+def normalize_runner_opts(opts: Mapping[str, object] | None) -> dict[str, object]:
+    """``opts`` with a list of ``external_package_dirs`` joined by ``os.pathsep``, so that
+    every value is one Carton can store."""
+    normalized = dict(opts or {})
+    dirs = normalized.get(EXTERNAL_PACKAGE_DIRS)
+    if isinstance(dirs, list | tuple):
+        if not all(isinstance(d, str) and d for d in dirs):
+            raise ModelConfigError(
+                f"runner option `{EXTERNAL_PACKAGE_DIRS}` must be a path or a list of paths, "
+                f"got {dirs!r}."
+            )
+        normalized[EXTERNAL_PACKAGE_DIRS] = os.pathsep.join(dirs)
+    return normalized
+
+
+def _local_package_options(opts: Mapping[str, object]) -> tuple[str, tuple[str, ...], bool]:
+    bundled = opts.get(BUNDLED_PACKAGES_DIR, DEFAULT_BUNDLED_PACKAGES_DIR)
+    if not isinstance(bundled, str) or not bundled.strip():
+        raise ModelConfigError(
+            f"runner option `{BUNDLED_PACKAGES_DIR}` must be a dir name inside the model dir, "
+            f"got {bundled!r}."
+        )
+    raw = opts.get(EXTERNAL_PACKAGE_DIRS, "")
+    if not isinstance(raw, str):
+        raise ModelConfigError(
+            f"runner option `{EXTERNAL_PACKAGE_DIRS}` must be a path, or several separated by "
+            f"{os.pathsep!r}, got {raw!r}."
+        )
+    external = tuple(d for d in raw.split(os.pathsep) if d)
+    keep = opts.get(KEEP_EXTERNAL_DIR_NAMES, False)
+    if not isinstance(keep, bool):
+        raise ModelConfigError(
+            f"runner option `{KEEP_EXTERNAL_DIR_NAMES}` must be true or false, got {keep!r}."
+        )
+    return bundled, external, keep
+
+
 def parse_runner_opts(opts: Mapping[str, object] | None) -> RunnerOptions:
     """Validate every option; the error names the option and the accepted types."""
-    opts = dict(opts or {})
+    opts = normalize_runner_opts(opts)
     for key, value in opts.items():
         if not isinstance(key, str):
             raise ModelConfigError(f"runner option names must be strings, got {key!r}.")
@@ -69,11 +128,29 @@ def parse_runner_opts(opts: Mapping[str, object] | None) -> RunnerOptions:
                     "be passed to the entrypoint as a keyword argument."
                 )
             model_kwargs[name] = value
-        elif key not in ("entrypoint_package", "entrypoint_fn"):
+        elif key not in _TYPED_OPTIONS:
             other[key] = value
+    bundled, external, keep = _local_package_options(opts)
     return RunnerOptions(
-        entrypoint_package=package, entrypoint_fn=function, model_kwargs=model_kwargs, other=other
+        entrypoint_package=package,
+        entrypoint_fn=function,
+        model_kwargs=model_kwargs,
+        bundled_packages_dir=bundled,
+        external_package_dirs=external,
+        keep_external_dir_names=keep,
+        other=other,
     )
+
+
+_TYPED_OPTIONS = frozenset(
+    {
+        "entrypoint_package",
+        "entrypoint_fn",
+        BUNDLED_PACKAGES_DIR,
+        EXTERNAL_PACKAGE_DIRS,
+        KEEP_EXTERNAL_DIR_NAMES,
+    }
+)
 
 
 def parse_cli_value(text: str) -> OptionValue:

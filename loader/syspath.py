@@ -1,9 +1,12 @@
 """What goes on ``sys.path`` and ``PYTHONPATH``: planned by a pure function, applied in one place.
 
-Order: the model's code dir, then each package dir in lockfile order, each followed by the
-dirs its ``.pth`` files name (as ``site`` would add them, but next to their package rather
-than after the interpreter's own site-packages). ``import`` lines of ``.pth`` files run after
-``sys.path`` is in place, as ``site`` runs them.
+Order: the model's code dir, then its local package dirs (the bundled packages dir, then each
+external package dir or their link dir: see :mod:`loader.localpkgs`), then each locked package
+dir in lockfile order, each followed by the dirs its ``.pth`` files name (as ``site`` would
+add them, but next to their package rather than after the interpreter's own site-packages).
+``import`` lines of ``.pth`` files run after ``sys.path`` is in place, as ``site`` runs them.
+Local dirs are the model's own code: their ``.pth`` files are not read, as ``site`` does not
+read those of ``PYTHONPATH`` dirs.
 
 The same entries are prepended to ``PYTHONPATH`` so that child processes of the model
 (``subprocess``, ``multiprocessing`` with spawn) import the same packages.
@@ -68,8 +71,15 @@ def scan_package_dir(path: Path) -> PackageDir:
     return PackageDir(str(path), tuple(read_pth_file(path / n) for n in names))
 
 
-def plan_sys_path(code_dir: str, packages: Sequence[PackageDir]) -> SysPathPlan:
-    """The entries to put first on ``sys.path``, without duplicates, and the imports to run."""
+def plan_sys_path(
+    code_dir: str, packages: Sequence[PackageDir], local_dirs: Sequence[str] = ()
+) -> SysPathPlan:
+    """The entries to put first on ``sys.path``, without duplicates, and the imports to run.
+
+    ``local_dirs`` (the model's bundled and external package dirs, in order) come between the
+    code dir and the locked ``packages``: the model's own code wins over what it locks, and a
+    module both provide is refused before this is applied (:mod:`loader.localpkgs`).
+    """
     entries: list[str] = []
     imports: list[tuple[str, str]] = []
 
@@ -78,6 +88,8 @@ def plan_sys_path(code_dir: str, packages: Sequence[PackageDir]) -> SysPathPlan:
             entries.append(entry)
 
     add(code_dir)
+    for local in local_dirs:
+        add(local)
     for package in packages:
         add(package.path)
         for pth in package.pth_files:

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from loader.errors import ModelConfigError
-from loader.options import parse_cli_option, parse_cli_value, parse_runner_opts
+from loader.options import (
+    normalize_runner_opts,
+    parse_cli_option,
+    parse_cli_value,
+    parse_runner_opts,
+)
 
 
 def test_model_options_become_keyword_arguments_and_bools_stay_bools() -> None:
@@ -21,7 +28,8 @@ def test_model_options_become_keyword_arguments_and_bools_stay_bools() -> None:
     assert opts.entrypoint_package == "some.sub.module"
     assert opts.model_kwargs == {"flag": False, "scale": 2}
     assert opts.model_kwargs["flag"] is False
-    assert opts.other == {"bundled_packages_dir": "packages"}
+    assert opts.bundled_packages_dir == "packages"
+    assert opts.other == {}
 
 
 @pytest.mark.parametrize(
@@ -54,3 +62,39 @@ def test_cli_values() -> None:
         parse_cli_value("[1, 2]")
     with pytest.raises(ModelConfigError, match="NAME=VALUE"):
         parse_cli_option("model.x")
+
+
+def test_local_package_options() -> None:
+    base = {"entrypoint_package": "m", "entrypoint_fn": "f"}
+    opts = parse_runner_opts(base)
+    assert (opts.bundled_packages_dir, opts.external_package_dirs) == ("packages", ())
+    assert not opts.scattered
+    assert opts.keep_external_dir_names is False
+    listed = parse_runner_opts({**base, "external_package_dirs": ["../a", "/abs/b"]})
+    joined = parse_runner_opts({**base, "external_package_dirs": f"../a{os.pathsep}/abs/b"})
+    assert listed.external_package_dirs == joined.external_package_dirs == ("../a", "/abs/b")
+    assert listed.scattered
+    assert normalize_runner_opts({**base, "external_package_dirs": ("x", "y")}) == {
+        **base,
+        "external_package_dirs": f"x{os.pathsep}y",
+    }
+    kept = parse_runner_opts({**base, "keep_external_dir_names": True, "bundled_packages_dir": "p"})
+    assert (kept.keep_external_dir_names, kept.bundled_packages_dir, kept.other) == (True, "p", {})
+
+
+@pytest.mark.parametrize(
+    ("extra", "complaint"),
+    [
+        ({"external_package_dirs": ["a", ""]}, "a path or a list of paths"),
+        ({"external_package_dirs": [1]}, "a path or a list of paths"),
+        ({"external_package_dirs": 3}, "several separated by"),
+        ({"keep_external_dir_names": "yes"}, "true or false"),
+        ({"keep_external_dir_names": 1}, "true or false"),
+        ({"bundled_packages_dir": " "}, "a dir name inside the model dir"),
+        ({"bundled_packages_dir": 2}, "a dir name inside the model dir"),
+    ],
+)
+def test_bad_local_package_options(extra: dict[str, object], complaint: str) -> None:
+    with pytest.raises(ModelConfigError) as raised:
+        parse_runner_opts({"entrypoint_package": "m", "entrypoint_fn": "f", **extra})
+    assert complaint in str(raised.value)

@@ -55,3 +55,13 @@ def test_apply_prepends_once_and_runs_imports(tmp_path: Path) -> None:
     assert path == ["/m", "/p", "", "/stdlib"]
     assert env["PYTHONPATH"] == os.pathsep.join(["/m", "/p", "/other"])
     assert marker.exists()
+
+
+def test_local_dirs_go_between_the_code_dir_and_the_locked_packages() -> None:
+    plan = plan_sys_path(
+        "/m",
+        [PackageDir("/s/a", (PthFile("/s/a/x.pth", ("/s/a/extra",), ()),))],
+        ["/m/packages", "/repo/shared", "/repo/libs", "/m/packages"],
+    )
+    assert plan.entries == ("/m", "/m/packages", "/repo/shared", "/repo/libs", "/s/a", "/s/a/extra")
+    assert plan_sys_path("/m", [PackageDir("/s/a")], []).entries == ("/m", "/s/a")
