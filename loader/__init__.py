@@ -11,13 +11,23 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from loader import aio as aio
     from loader.api import load_unpacked as load_unpacked
+    from loader.gathering import gather as gather
     from loader.model import Model as Model
     from loader.packing import get_model_info as get_model_info
     from loader.packing import load as load
     from loader.packing import pack as pack
     from loader.selftesting import selftest as selftest
 
-__all__ = ["Model", "aio", "get_model_info", "load", "load_unpacked", "pack", "selftest"]
+__all__ = [
+    "Model",
+    "aio",
+    "gather",
+    "get_model_info",
+    "load",
+    "load_unpacked",
+    "pack",
+    "selftest",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -34,6 +44,11 @@ def __getattr__(name: str) -> Any:
         from loader.selftesting import selftest
 
         return selftest
+    if name == "gather":
+        # In loader.gathering, not loader.gather, for the reason given for `pack` below.
+        from loader.gathering import gather
+
+        return gather
     if name == "Model":
         from loader.model import Model
 

@@ -9,6 +9,12 @@ A model in the store is read-only and was locked when it was packed, so loading 
 locks: it needs a lockfile entry for the loading environment (else a clear error says to
 lock for that Python and pack again).
 
+A scattered model (``external_package_dirs``) is gathered first (:mod:`loader.gathering`, into
+the content cache) and the gathered dir is packed with the options it loads with, so a packed
+model never depends on dirs outside it. The files packed are those gathering takes (the same
+ignore list and ``.wheelcasignore``); a ``.carton`` holds no symlinks, so every symlink is
+packed as its target's contents, with a warning for one that points outside the model dir.
+
 See docs/packed-format.md for the format and its decisions.
 """
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import stat
 import sys
@@ -50,7 +57,7 @@ from loader.manifest import (
     parse_tensor_index,
     validate,
 )
-from loader.options import OptionValue, parse_runner_opts
+from loader.options import OptionInput, OptionValue, normalize_runner_opts, parse_runner_opts
 from loader.packed import METHOD_STORED, MemberSource, ZipReader, ZipWriter
 from lockgen.errors import WheelcasError
 
@@ -64,8 +71,8 @@ if TYPE_CHECKING:
 
     from loader.model import Model
 
-#: Never packed, at any depth: bytecode, VCS data, local virtual environments.
-EXCLUDED_DIRS = frozenset({"__pycache__", ".git", ".venv"})
+log = logging.getLogger("wheelcas.pack")
+
 CARTON_SUFFIX = ".carton"
 
 
@@ -225,26 +232,21 @@ class _TensorCollector:
 def model_files(model_dir: Path, *, skip: frozenset[Path] = frozenset()) -> list[tuple[str, Path]]:
     """``(path relative to the code dir, file)`` for every file packed from ``model_dir``.
 
-    Symlinked files are packed as their contents (requirements.txt may be one); a symlinked
-    directory is refused rather than silently followed or dropped.
+    The walk of gathering (:func:`loader.gather_walk.walk`): ignored dirs pruned while
+    walking, ``.wheelcasignore`` applied. A ``.carton`` cannot hold a symlink, so each one is
+    packed as its target's contents (a dir's files under the link's path); one pointing
+    outside the model dir is logged as a warning, a dangling one or a loop is an error.
     """
-    found: list[tuple[str, Path]] = []
-    for root, dirs, files in os.walk(model_dir):
-        dirs[:] = sorted(d for d in dirs if d not in EXCLUDED_DIRS)
-        for name in dirs:
-            if Path(root, name).is_symlink():
-                raise ModelConfigError(
-                    f"{Path(root, name)} is a symlink to a directory; packing does not follow "
-                    "those. Replace it with the directory itself."
-                )
-        for name in files:
-            path = Path(root, name)
-            if path.absolute() in skip or (name.startswith(".") and name.endswith(".packing")):
-                continue
-            if not path.is_file():
-                raise ModelConfigError(f"{path} is not a regular file (or a dangling symlink).")
-            found.append((path.relative_to(model_dir).as_posix(), path))
-    return found
+    from loader.gather_walk import walk
+
+    found = walk(model_dir, keep_links=False, skip=frozenset(os.path.realpath(p) for p in skip))
+    for line in found.warnings:
+        log.warning("%s", line)
+    return [
+        (f.relpath, Path(f.path))
+        for f in found.files
+        if not (f.relpath.rpartition("/")[2].startswith(".") and f.relpath.endswith(".packing"))
+    ]
 
 
 def _is_executable(path: Path) -> bool:
@@ -268,7 +270,7 @@ def pack(
     runner_name: str,
     required_framework_version: str,
     runner_compat_version: int | None = None,
-    runner_opts: Mapping[str, OptionValue] | None = None,
+    runner_opts: Mapping[str, OptionInput] | None = None,
     model_name: str | None = None,
     short_description: str | None = None,
     model_description: str | None = None,
@@ -293,7 +295,8 @@ def pack(
     (``"3.12"``, a command or a path): a packed model loads only where it has an entry.
     ``output`` defaults to ``DIR.carton`` beside the code dir. Self-test and example tensors
     are numpy arrays (or array-likes); in examples a str ``"@misc/NAME"`` refers to a misc
-    file.
+    file. A scattered model (``external_package_dirs`` in ``runner_opts``) is gathered after
+    locking and packed from the gathered dir; its packed options drop the external dirs.
     """
     from loader.semver import parse_requirement
     from lockgen import lock
@@ -313,6 +316,7 @@ def pack(
     parse_requirement(required_framework_version)
     options = parse_runner_opts(runner_opts)
     _check_entrypoint(model_dir, options.entrypoint_package)
+    packed_opts = _packed_runner_opts(runner_opts, scattered=options.scattered)
     destination = (
         Path(output) if output is not None else model_dir.parent / (model_dir.name + CARTON_SUFFIX)
     )
@@ -355,7 +359,7 @@ def pack(
                 runner_name=runner_name,
                 required_framework_version=required_framework_version,
                 runner_compat_version=runner_compat_version,
-                opts=dict(runner_opts or {}),
+                opts=packed_opts,
             ),
             model_name=model_name,
             short_description=short_description,
@@ -386,17 +390,44 @@ def pack(
     lock(model_dir, pip_args=pip_args)
     for python in lock_pythons:
         lock(model_dir, python=python, pip_args=pip_args)
+    code_dir = model_dir
+    if options.scattered:
+        # After locking: the gathered dir holds the fresh lockfile, and is never locked itself
+        # (it is a shared, content-keyed cache entry).
+        from loader.gathering import gather
+
+        gathered = gather(model_dir, runner_opts=runner_opts)
+        log.info(
+            "gathered the scattered model into %s (%d files, %d copied); packing that",
+            gathered.path,
+            gathered.files,
+            gathered.copied,
+        )
+        code_dir = gathered.path
 
     members = [MemberSource(CARTON_TOML, dump_carton_toml(manifest).encode("utf-8"))]
     members += misc
     members += [
         MemberSource(f"model/{rel}", path=file, executable=_is_executable(file))
-        for rel, file in model_files(model_dir, skip=frozenset({destination}))
+        for rel, file in model_files(code_dir, skip=frozenset({destination}))
     ]
     members += tensors.members()
     members.sort(key=lambda m: m.name.encode("utf-8"))
     _write_carton(destination, members)
     return destination
+
+
+def _packed_runner_opts(
+    runner_opts: Mapping[str, OptionInput] | None, *, scattered: bool
+) -> dict[str, OptionValue]:
+    """The options written to ``carton.toml``: a scattered model's as gathered (without
+    ``external_package_dirs``: the packed model holds them), else as given."""
+    if scattered:
+        from loader.gather_plan import gather_options
+
+        return dict(gather_options(runner_opts).gathered_runner_opts)
+    normalized = normalize_runner_opts(runner_opts)
+    return {k: v for k, v in normalized.items() if isinstance(v, bool | int | float | str)}
 
 
 def _write_carton(destination: Path, members: list[MemberSource]) -> None:

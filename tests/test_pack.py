@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -411,3 +412,71 @@ def test_a_url_is_downloaded_into_the_store_tmp(carton: Path) -> None:
         finally:
             server.shutdown()
             thread.join()
+
+
+# --- a scattered model --------------------------------------------------------------------
+
+SCATTERED_ENTRY = """
+import alpha
+import shared_util
+from helpers import scale
+
+class Model:
+    def infer_with_tensors(self, tensors):
+        return {"out": [scale(v) for v in tensors["x"]], "shared": shared_util.__file__}
+
+def get_model():
+    return Model()
+"""
+
+
+def test_a_packed_scattered_model_loads_after_its_external_dirs_are_gone(
+    tmp_path: Path, wheel_dir: Path, package_index: PackageIndex
+) -> None:
+    """``pack`` gathers first: the .carton holds the external dirs' contents in the bundled
+    packages dir, and its options no longer name dirs outside it."""
+    from tests.test_load import run_cli
+
+    build_dependencies(wheel_dir)
+    model_dir = tmp_path / "model"
+    (model_dir / "pkg").mkdir(parents=True)
+    (model_dir / "pkg" / "__init__.py").write_text("")
+    (model_dir / "pkg" / "entry.py").write_text(SCATTERED_ENTRY)
+    (model_dir / "requirements.txt").write_text("alpha\n")
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "shared_util.py").write_text("")
+    (tmp_path / "libs" / "helpers").mkdir(parents=True)
+    (tmp_path / "libs" / "helpers" / "__init__.py").write_text("def scale(v):\n    return 3 * v\n")
+    external = os.pathsep.join(["../shared", str(tmp_path / "libs")])
+    output = tmp_path / "scattered.carton"
+    done = run_cli(
+        "pack", str(model_dir), "-o", str(output), "--python", PY_RANGE,
+        "--entrypoint", "pkg.entry:get_model", "--opt", f"external_package_dirs={external}",
+        "--index-url", package_index.simple_url,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "gathered the scattered model" in done.stderr
+    opts = dict(get_model_info(output).runner.opts)
+    assert opts == {"entrypoint_package": "pkg.entry", "entrypoint_fn": "get_model"}
+    with ZipReader(output) as reader:
+        assert {"model/packages/shared_util.py", "model/packages/helpers/__init__.py"} <= set(
+            reader.entries
+        )
+        assert "model/.carton/carton.lock" in reader.entries
+
+    shutil.rmtree(tmp_path / "shared")
+    shutil.rmtree(tmp_path / "libs")
+    done = run_python(
+        f"""
+        import json
+        from loader import load
+        m = load({str(output)!r}, isolated=False)
+        print(json.dumps(m.infer({{"x": [1, 2]}})))
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["out"] == [3, 6]
+    store = Path(os.environ["WHEELCAS_HOME"]) / "v1" / "models"
+    assert result["shared"].startswith(str(store))
+    assert result["shared"].endswith("/model/packages/shared_util.py")
