@@ -69,7 +69,9 @@ class DaemonConfig:
     gc_max_age: float | None = None
     gc_interval: float = 3600.0
     view_link_mode: str = "hardlink"
-    watch_model_dirs: tuple[Path, ...] = ()  # reserved: read and kept, not acted upon yet
+    watch_model_dirs: tuple[Path, ...] = ()
+    watch_settle: float = 0.5
+    watch_pip_args: tuple[str, ...] = ()
     shutdown_timeout: float = 30.0
     upload_max_bytes: int = 4 * 2**30
     system: bool = False
@@ -165,6 +167,47 @@ def _paths(value: object) -> tuple[Path, ...]:
     return tuple(Path(v).expanduser() for v in _strings(value))
 
 
+def _model_dirs(value: object) -> tuple[Path, ...]:
+    """Absolute, normalized paths: the daemon's cwd says nothing about where models are."""
+    dirs = []
+    for raw in _strings(value):
+        path = os.path.expanduser(raw)  # noqa: PTH111 - normpath below is os.path's too
+        if not os.path.isabs(path):  # noqa: PTH117
+            raise ValueError(f"has {raw!r}, which is not an absolute path")
+        dirs.append(Path(os.path.normpath(path)))
+    return tuple(dirs)
+
+
+#: The pip options of `wheelcas lock` (loader/cli.py), the only ones a re-lock can pass on.
+LOCK_PIP_OPTIONS = (
+    "-i",
+    "--index-url",
+    "--extra-index-url",
+    "-f",
+    "--find-links",
+    "--no-index",
+    "--trusted-host",
+)
+
+
+def _lock_pip_args(value: object) -> tuple[str, ...]:
+    args = _strings(value)
+    for arg in args:
+        if arg.startswith("-") and arg.split("=", 1)[0] not in LOCK_PIP_OPTIONS:
+            raise ValueError(
+                f"has {arg!r}; `wheelcas lock` takes only {', '.join(LOCK_PIP_OPTIONS)} (pip's "
+                "other settings come from the daemon user's pip configuration)"
+            )
+    return args
+
+
+def _settle(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds > 60:
+        raise ValueError("must be at most a minute (the writes of one save settle in far less)")
+    return seconds
+
+
 def _link_mode(value: object) -> str:
     if value in VIEW_LINK_MODES:
         return str(value)
@@ -195,7 +238,9 @@ SETTINGS: dict[tuple[str, str], tuple[str, Any]] = {
     ("gc", "max_age"): ("gc_max_age", parse_duration),
     ("gc", "interval"): ("gc_interval", parse_duration),
     ("views", "link_mode"): ("view_link_mode", _link_mode),
-    ("watch", "model_dirs"): ("watch_model_dirs", _paths),
+    ("watch", "model_dirs"): ("watch_model_dirs", _model_dirs),
+    ("watch", "settle"): ("watch_settle", _settle),
+    ("watch", "pip_args"): ("watch_pip_args", _lock_pip_args),
     ("server", "shutdown_timeout"): ("shutdown_timeout", parse_duration),
     ("uploads", "max_bytes"): ("upload_max_bytes", parse_size),
 }

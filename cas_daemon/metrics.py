@@ -25,6 +25,7 @@ class Metrics:
     cache_hits: int = 0
     uploads: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    relocks: Counter[str] = field(default_factory=Counter)  # watched dirs' rounds, by result
 
 
 class Meter:
@@ -78,6 +79,12 @@ def render_metrics(m: Metrics, stats: StoreStats, leases: int, views: int) -> st
             "counter",
             "Failed requests, by error type.",
             [(f'{{type="{kind}"}}', n) for kind, n in sorted(m.errors.items())],
+        ),
+        (
+            "wheelcas_relocks_total",
+            "counter",
+            "Watched model dirs' re-lock rounds, by result.",
+            [(f'{{result="{kind}"}}', n) for kind, n in sorted(m.relocks.items())],
         ),
         (
             "wheelcas_store_bytes",

@@ -1,19 +1,23 @@
 """What a client may send the daemon, checked before any work: requests and the API's errors.
 
-Values (:class:`ResolveRequest`, :class:`DepSpec`, :class:`PythonSpec`, :class:`Peer`) are
-plain data; :func:`parse_resolve_request` builds them from a JSON body and names the field at
-fault (:class:`BadRequest`). :func:`check_host` is the allow-list of index hosts. The errors
+Values (:class:`ResolveRequest`, :class:`DepSpec`, :class:`PythonSpec`, :class:`Peer`,
+:class:`WatchRequest`) are plain data; :func:`parse_resolve_request` and
+:func:`parse_watch_request` build them from a JSON body and name the field at fault
+(:class:`BadRequest`). :func:`check_host` is the allow-list of index hosts. The errors
 here are the API's own; the server maps each to its HTTP status (docs/api.md).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from cas_daemon.watch import parse_version
 from lockgen.errors import WheelcasError
 from lockgen.lockfile import LockedDep, Sha256, sha256_hex
 
@@ -65,7 +69,7 @@ class LeaseNotFound(WheelcasError):
 
 
 class NotPermitted(WheelcasError):
-    """A request about something that belongs to another user's process."""
+    """A request about something that belongs to another user (a process, a model dir)."""
 
 
 class Unavailable(WheelcasError):
@@ -168,6 +172,40 @@ def parse_resolve_request(data: object) -> ResolveRequest:
     if not isinstance(lease, bool):
         raise BadRequest("lease", "must be true or false")
     return ResolveRequest(tuple(deps), python, lease)
+
+
+@dataclass(frozen=True, slots=True)
+class WatchRequest:
+    """A model dir to watch (or to stop watching), and the Python version to lock it for.
+
+    The version is only a version (``"3.12"``): the daemon picks the interpreter itself.
+    """
+
+    model_dir: Path
+    python: str | None = None
+
+
+def parse_watch_request(data: object, *, allow_python: bool = True) -> WatchRequest:
+    """Validate a ``/v1/watch`` (or unwatch) body: ``{"model_dir": ABS_PATH, "python"?}``."""
+    if not isinstance(data, dict):
+        raise BadRequest("(body)", "must be a JSON object")
+    raw = _field(data, "model_dir", str, "")
+    normal = Path(raw).is_absolute() and os.path.normpath(raw) == raw
+    if "\0" in raw or not normal or raw.startswith("//"):
+        raise BadRequest(
+            "model_dir", f"must be an absolute, normalized path (no `..`, `.` or `//`): {raw!r}"
+        )
+    python = data.get("python")
+    if python is not None:
+        if not allow_python:
+            raise BadRequest("python", "is not taken by this request")
+        if not isinstance(python, str):
+            raise BadRequest("python", "must be a version such as 3.12")
+        try:
+            parse_version(python)
+        except ValueError:
+            raise BadRequest("python", "must be a version such as 3.12, never a path") from None
+    return WatchRequest(Path(raw), python)
 
 
 def check_sha256s(values: Sequence[str], where: str) -> None:

@@ -42,6 +42,7 @@ from cas_daemon.protocol import (
     Unavailable,
     UploadRefused,
     parse_resolve_request,
+    parse_watch_request,
 )
 from cas_daemon.service import Outcome, Service
 from cas_daemon.store import Store
@@ -268,6 +269,21 @@ async def gc(request: web.Request) -> web.Response:
     return web.json_response(await request.app[SERVICE].gc(dry_run=dry_run))
 
 
+async def post_watch(request: web.Request) -> web.Response:
+    watch = parse_watch_request(await _json(request))
+    return web.json_response(await request.app[SERVICE].watch(watch, peer_of(request)))
+
+
+async def unwatch(request: web.Request) -> web.Response:
+    """``DELETE /v1/watch`` or ``POST /v1/unwatch``, with ``{"model_dir": ...}``."""
+    watch = parse_watch_request(await _json(request), allow_python=False)
+    return web.json_response(await request.app[SERVICE].unwatch(watch.model_dir, peer_of(request)))
+
+
+async def get_watch(request: web.Request) -> web.Response:
+    return web.json_response({"watched": request.app[SERVICE].watched()})
+
+
 async def metrics(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     stats, leases = await service.store_stats(), await service.live_leases()
@@ -288,6 +304,10 @@ def make_app(service: Service) -> web.Application:
     app.router.add_post("/v1/leases", post_lease)
     app.router.add_delete("/v1/leases/{lease}", delete_lease)
     app.router.add_post("/v1/gc", gc)
+    app.router.add_get("/v1/watch", get_watch)
+    app.router.add_post("/v1/watch", post_watch)
+    app.router.add_delete("/v1/watch", unwatch)
+    app.router.add_post("/v1/unwatch", unwatch)
     return app
 
 
@@ -296,8 +316,10 @@ async def serve(
 ) -> None:
     """Serve on ``sock`` until SIGTERM or SIGINT, then stop gracefully.
 
-    Stopping: STOPPING=1, no new connections, in-flight requests get up to
-    ``server.shutdown_timeout`` to finish, then the service closes.
+    Watched model dirs (``watch.model_dirs`` and the persisted ones) are watched before the
+    socket serves. Stopping: STOPPING=1, watches and their lock children stop, no new
+    connections, in-flight requests get up to ``server.shutdown_timeout`` to finish, then
+    the service closes.
     """
     loop = asyncio.get_running_loop()
     store = Store(
@@ -316,6 +338,7 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     background: list[asyncio.Task[None]] = []
     try:
+        await service.start_watching()  # before serving: a watch request finds them ready
         await web.SockSite(runner, sock).start()
         if notifier.watchdog_interval is not None:
             background.append(loop.create_task(_watchdog(notifier, notifier.watchdog_interval)))
@@ -330,6 +353,7 @@ async def serve(
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        await service.stop_watching()  # lock children stopped first: they are not requests
         await runner.cleanup()
         orphans: set[asyncio.Task[None]] = app[TASKS]  # work whose client went away
         if orphans:

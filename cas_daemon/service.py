@@ -11,6 +11,15 @@ with one it found itself whose cache tag matches, :class:`~cas_daemon.config.Kno
 and fetches only http(s) URLs on the allowed index hosts (:func:`~cas_daemon.protocol.check_host`).
 Requests are parsed and checked in :mod:`cas_daemon.protocol`.
 
+The one exception is watching a model dir (:meth:`Service.watch`): the daemon then reads and
+writes that dir (its lockfile, bundled wheels) and runs pip on its requirements.txt as the
+daemon's own user, and pip may build an sdist, i.e. run its code. So a watch is taken only
+from a peer whose uid (``SO_PEERCRED``) is the daemon's or root's, for a dir the daemon can
+write; the dirs of the configuration file are trusted as the file is. Even then the client
+names only a Python *version*; the interpreter is one the daemon knows (its own, configured
+or discovered). Another user gets :class:`~cas_daemon.protocol.NotPermitted`: they run their
+own user daemon for their own dirs.
+
 The other store modules are called from one place each: metadata from the ``_record``
 methods, views from :meth:`Service._view`, gc from :meth:`Service.gc`.
 """
@@ -21,7 +30,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterable, Sequence
+from collections.abc import AsyncIterable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,13 +51,16 @@ from cas_daemon.protocol import (
     Peer,
     ResolveRequest,
     Unavailable,
+    WatchRequest,
     check_host,
     check_sha256s,
 )
 from cas_daemon.store import Store, StoreStats, WheelRef
 from cas_daemon.uploads import Uploads
+from cas_daemon.watch import EventKind, PythonTarget
+from cas_daemon.watcher import Watches
 from lockgen.errors import WheelcasError
-from lockgen.lockfile import Sha256
+from lockgen.lockfile import REQUIREMENTS_FILENAME, Sha256
 
 log = logging.getLogger("wheelcas.daemon")
 _STATS_TTL_S = 10.0
@@ -88,6 +100,7 @@ class Service:
         self.uploads = Uploads(store.layout, max_bytes=config.upload_max_bytes)
         self._stats: tuple[float, StoreStats] | None = None
         self._conflicts: dict[str, WheelcasError] = {}
+        self.watches: Watches | None = None
 
     @classmethod
     async def open(cls, config: DaemonConfig, store: Store) -> Service:
@@ -104,6 +117,7 @@ class Service:
         return cls(config, store, metadata)
 
     async def aclose(self) -> None:
+        await self.stop_watching()
         if self.metadata is not None:
             await asyncio.to_thread(self.metadata.close)
 
@@ -327,9 +341,13 @@ class Service:
                 "index": None if self.metadata is None else str(self.metadata.path),
             },
             "leases": await self.live_leases(),
+            "watched": []
+            if self.watches is None
+            else [w.state(events=False) for w in self.watches],
             "interpreters": self.interpreters.known(),
             "allowed_hosts": list(self.config.allowed_hosts),
             "counters": {
+                "relocks": sum(m.relocks.values()),
                 "resolves": m.resolves,
                 "prefetches": m.prefetches,
                 "downloads": m.downloads,
@@ -341,6 +359,118 @@ class Service:
             },
         }
 
+    # --- watching model dirs (docs/daemon.md, "Watching model dirs") ----------------------
+
+    async def start_watching(self) -> None:
+        """Watch the configured dirs and the ones watched before (the roots of kind
+        "watched"), and check each once: a change made while the daemon was down is seen."""
+        self.watches = Watches(
+            self, settle=self.config.watch_settle, pip_args=self.config.watch_pip_args
+        )
+        for model_dir in self.config.watch_model_dirs:
+            await self.watches.add(model_dir, source="config", trigger="start", strict=False)
+        if self.metadata is not None:
+            roots = await asyncio.to_thread(self.metadata.roots)
+            for root in roots:
+                if root.kind == "watched" and Path(root.path) not in self.watches:
+                    await self.watches.add(
+                        Path(root.path), source="api", trigger="start", strict=False
+                    )
+
+    async def stop_watching(self) -> None:
+        """Stop every watch and its lock child (the watched list stays in the index)."""
+        watches, self.watches = self.watches, None
+        if watches is not None:
+            await watches.aclose()
+
+    async def watch(self, request: WatchRequest, peer: Peer | None) -> dict[str, Any]:
+        """Watch a model dir for its owner (see the trust note in the module docstring)."""
+        watches = self._watches_for(peer)
+        model_dir = request.model_dir
+        await asyncio.to_thread(_check_model_dir, model_dir)
+        target = None
+        if request.python is not None:
+            target = PythonTarget(watches.own.implementation, request.python)
+            await self.interpreter_for(target)  # no such interpreter: refused now (422)
+        new = model_dir not in watches
+        watch = await watches.add(model_dir, source="api", requested=target, trigger="watch")
+        if new and self.metadata is not None:
+            metadata = self.metadata
+
+            def register() -> None:  # persisted, without replacing what a root already holds
+                if not any(
+                    r.kind == "watched" and r.path == str(model_dir) for r in metadata.roots()
+                ):
+                    metadata.set_root("watched", model_dir, [])
+
+            await asyncio.to_thread(register)
+        return watch.state()
+
+    async def unwatch(self, model_dir: Path, peer: Peer | None) -> dict[str, Any]:
+        """Stop watching; its wheels are no longer kept for it (the root is dropped)."""
+        watches = self._watches_for(peer)
+        watch = watches.get(model_dir)
+        was_watched = await watches.remove(model_dir)
+        if self.metadata is not None:
+            await asyncio.to_thread(self.metadata.drop_root, "watched", model_dir)
+        configured = watch is not None and watch.source == "config"
+        return {"model_dir": str(model_dir), "was_watched": was_watched, "configured": configured}
+
+    def watched(self) -> list[dict[str, Any]]:
+        return [] if self.watches is None else [w.state() for w in self.watches]
+
+    def _watches_for(self, peer: Peer | None) -> Watches:
+        if peer is None or peer.uid not in (0, os.geteuid()):
+            raise NotPermitted(
+                "watching a model dir runs pip on it (which may build and run an sdist's code) "
+                f"and writes its lockfile as this daemon's user (uid {os.geteuid()}), so only "
+                "that user and root may ask. Run your own user daemon (`wheelcas daemon`) and "
+                "watch your model dirs with it."
+            )
+        if self.watches is None:
+            raise Unavailable("this daemon is not watching model dirs now (it is stopping)")
+        return self.watches
+
+    # WatchHost: what the watches need (cas_daemon.watcher.WatchHost)
+
+    async def interpreter_for(self, target: PythonTarget) -> str:
+        """The daemon's interpreter for ``target``: its own, configured or discovered."""
+        tag = target.cache_tag
+        if tag is None:
+            raise BadRequest("python", f"names {target}, which the daemon cannot run")
+        python = self.interpreters.known().get(tag)
+        if python is None:  # probing interpreters runs them: not on the event loop
+            python = await asyncio.to_thread(self.interpreters.find, tag, target.version)
+        return python
+
+    async def ready_model(self, model_dir: Path, interpreters: Sequence[str]) -> int:
+        """Make a watched dir's lock ready for each interpreter and root it; how many wheels.
+
+        Reads the lockfile and the bundled wheels in the model dir itself (the exception of
+        the trust note). The root is set first, as a lease is taken before a resolve: a GC
+        meanwhile either sees it or ran before, and the trees are then published again.
+        """
+        from cas_daemon.precompile import interpreter_cache_tag
+
+        plans = await asyncio.to_thread(_model_refs, model_dir, interpreters)
+        for _, refs in plans:
+            for ref in refs:
+                if ref.url is not None:
+                    check_host(ref.url, self.config.allowed_hosts)
+        keys = list(dict.fromkeys(ref.sha256 for _, refs in plans for ref in refs))
+        if self.metadata is not None:
+            await _uncancelled(self.metadata.set_root, "watched", model_dir, keys)
+        for python, refs in plans:
+            tag = await asyncio.to_thread(interpreter_cache_tag, python)
+            readied: list[ProgressEvent] = []
+            await self.store.aready(refs, python=python, progress=self._listener(None, readied))
+            await self._record_published(readied, tag)
+        await self._record_use(keys, None)
+        return len(keys)
+
+    def count_watch_event(self, kind: EventKind) -> None:
+        self.metrics.relocks[kind] += 1
+
     async def gc(self, *, dry_run: bool) -> dict[str, Any]:
         """One GC pass with the configured limits (``gc.max_bytes``, ``gc.max_age``)."""
         from cas_daemon.gc import run_for_daemon
@@ -349,6 +479,60 @@ class Service:
             raise Unavailable("garbage collection needs the store index; run `wheelcas fsck`")
         self._stats = None
         return await run_for_daemon(self.layout, self.metadata, self.config, dry_run=dry_run)
+
+
+def _check_model_dir(model_dir: Path) -> None:
+    """A dir to watch: it exists, has a requirements.txt, and the daemon may write to it."""
+    if not model_dir.is_dir():
+        raise BadRequest("model_dir", f"{model_dir} is not a directory")
+    if not (model_dir / REQUIREMENTS_FILENAME).is_file():
+        raise BadRequest(
+            "model_dir",
+            f"{model_dir} has no {REQUIREMENTS_FILENAME} (a model dir lists its dependencies "
+            "there; it may be empty)",
+        )
+    carton = model_dir / ".carton"
+    for directory in (model_dir, carton) if carton.is_dir() else (model_dir,):
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise NotPermitted(
+                f"the daemon's user (uid {os.geteuid()}) cannot write to {directory}, where a "
+                "re-lock writes the lockfile. Make it writable for that user, or watch it with "
+                "a daemon of the dir's owner."
+            )
+
+
+def _model_refs(model_dir: Path, interpreters: Sequence[str]) -> list[tuple[str, list[WheelRef]]]:
+    """Per interpreter, the refs of its entry in ``model_dir``'s lockfile (blocking)."""
+    from cas_daemon.prefetch import NoMatchingEntryError, target_environment
+    from lockgen.lockfile import LOCKFILE_RELPATH, read_lockfile
+
+    lockfile = read_lockfile(model_dir)
+    if lockfile is None:
+        raise BadRequest("model_dir", f"{model_dir} has no {LOCKFILE_RELPATH}")
+    plans = []
+    for python in interpreters:
+        environment = target_environment(python)
+        entry = lockfile.find_entry(environment)
+        if entry is None:
+            path = model_dir / LOCKFILE_RELPATH
+            markers = [e.markers for e in lockfile.entries]
+            raise NoMatchingEntryError(path, environment, markers, python)
+        plans.append((python, [WheelRef.from_locked_dep(d, model_dir) for d in entry.locked_deps]))
+    return plans
+
+
+async def _uncancelled(fn: Callable[..., None], *args: object) -> None:
+    """Run blocking ``fn`` in a thread; if cancelled, still wait for it to end.
+
+    A root set by a thread that outlives its cancelled caller (an unwatch) could otherwise
+    land after the unwatch dropped it, and keep the dir's wheels forever.
+    """
+    future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
 
 
 def _owner_uid(pid: int) -> int | None:

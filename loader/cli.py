@@ -7,11 +7,14 @@ Every expected failure is a :class:`~lockgen.errors.WheelcasError`: printed as
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +108,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_pip_options(p)
 
+    p = sub.add_parser(
+        "gather", help="copy a scattered model and its external package dirs into one dir"
+    )
+    p.add_argument("model_dir", type=Path, metavar="DIR")
+    p.add_argument(
+        "-o", "--output", type=Path, metavar="OUT", help="default: the store's gather cache"
+    )
+    p.add_argument(
+        "--external-package-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a dir whose contents join the bundled packages dir (relative to the current "
+        "dir); repeatable, added to --opt external_package_dirs",
+    )
+    p.add_argument("--bundled-packages-dir", metavar="NAME", help="default: packages")
+    p.add_argument(
+        "--keep-dir-names",
+        action="store_true",
+        default=None,
+        help="put each external dir in the bundled dir under its own name",
+    )
+    p.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE")
+
     p = sub.add_parser("info", help="print a packed model's manifest fields")
     p.add_argument("model", type=Path, metavar="MODEL", help="a .carton file or unpacked dir")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -127,6 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("status", help="the daemon's status, or the local store's statistics")
 
+    p = sub.add_parser(
+        "watch", help="have the daemon re-lock and prefetch model dirs when requirements change"
+    )
+    p.add_argument("model_dirs", type=Path, nargs="+", metavar="DIR")
+    p.add_argument(
+        "--python", metavar="VERSION", help="also lock for this Python version, e.g. 3.12"
+    )
+
+    p = sub.add_parser("unwatch", help="stop the daemon watching model dirs")
+    p.add_argument("model_dirs", type=Path, nargs="+", metavar="DIR")
+
     p = sub.add_parser("gc", help="remove what the store no longer needs")
     p.add_argument("--dry-run", action="store_true", help="only print what would go, and why")
     p.add_argument("--max-bytes", help="without a daemon: size limit, e.g. 20G")
@@ -137,12 +175,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt for the block (in the main thread only).
+
+    The daemon stops a re-lock it no longer wants with SIGTERM (cas_daemon/relock.py): the
+    lock then unwinds as on Ctrl-C, removing its staging dir and keeping the old lockfile.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _cmd_lock(ns: argparse.Namespace) -> int:
     from lockgen.lock import lock
 
-    result = lock(
-        ns.model_dir, python=ns.python, pip_args=_pip_args(ns), bundle_format=ns.bundle_format
-    )
+    with _sigterm_interrupts():
+        result = lock(
+            ns.model_dir, python=ns.python, pip_args=_pip_args(ns), bundle_format=ns.bundle_format
+        )
     bundled = sum(d.bundled_whl_path is not None for d in result.entry.locked_deps)
     print(
         f"{result.action}: {result.path} ({len(result.entry.locked_deps)} wheels, "
@@ -311,6 +371,22 @@ def _cmd_pack(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gather(ns: argparse.Namespace) -> int:
+    from loader.gathering import describe, gather
+    from loader.options import BUNDLED_PACKAGES_DIR, EXTERNAL_PACKAGE_DIRS, parse_cli_option
+
+    opts: dict[str, Any] = dict(parse_cli_option(a) for a in ns.opt)
+    if ns.external_package_dir:
+        given = str(opts.get(EXTERNAL_PACKAGE_DIRS, ""))
+        added = [str(d.absolute()) for d in map(Path, ns.external_package_dir)]
+        opts[EXTERNAL_PACKAGE_DIRS] = os.pathsep.join([*filter(None, [given]), *added])
+    if ns.bundled_packages_dir is not None:
+        opts[BUNDLED_PACKAGES_DIR] = ns.bundled_packages_dir
+    result = gather(ns.model_dir, ns.output, runner_opts=opts, keep_dir_names=ns.keep_dir_names)
+    print("\n".join(describe(result)))
+    return 0
+
+
 def _info_fields(info: Any) -> dict[str, Any]:
     """The manifest as plain JSON values (dataclasses and tuples flattened)."""
     import dataclasses
@@ -400,6 +476,43 @@ def _cmd_status(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _watching_daemon() -> Any:
+    from loader.client import find_daemon
+
+    client = find_daemon()
+    if client is None:
+        raise ModelConfigError(
+            "watching model dirs is the daemon's work, and no daemon answers. Start one "
+            "(`wheelcas daemon`, or `systemctl --user start wheelcas`), or list the dirs in "
+            "its configuration (watch.model_dirs, docs/daemon.md)."
+        )
+    return client
+
+
+def _absolute(path: Path) -> Path:
+    """What the daemon takes: an absolute, normalized path (symlinks are kept)."""
+    return Path(os.path.normpath(path.absolute()))
+
+
+def _cmd_watch(ns: argparse.Namespace) -> int:
+    client = _watching_daemon()
+    for model_dir in ns.model_dirs:
+        state = client.watch(_absolute(model_dir), python=ns.python)
+        pythons = ", ".join(state.get("pythons", [])) or "the daemon's Python"
+        print(f"watching {state['model_dir']} ({state['state']}; locks for {pythons})")
+    return 0
+
+
+def _cmd_unwatch(ns: argparse.Namespace) -> int:
+    client = _watching_daemon()
+    for model_dir in ns.model_dirs:
+        reply = client.unwatch(_absolute(model_dir))
+        done = "stopped watching" if reply.get("was_watched") else "was not watching"
+        note = " (the configuration lists it: watched again at restart)"
+        print(f"{done} {reply['model_dir']}{note if reply.get('configured') else ''}")
+    return 0
+
+
 def _cmd_gc(ns: argparse.Namespace) -> int:
     from loader.client import find_daemon
 
@@ -463,11 +576,14 @@ _COMMANDS = {
     "prefetch": _cmd_prefetch,
     "infer": _cmd_infer,
     "pack": _cmd_pack,
+    "gather": _cmd_gather,
     "info": _cmd_info,
     "selftest": _cmd_selftest,
     "path": _cmd_path,
     "daemon": _cmd_daemon,
     "status": _cmd_status,
+    "watch": _cmd_watch,
+    "unwatch": _cmd_unwatch,
     "gc": _cmd_gc,
     "fsck": _cmd_fsck,
 }

@@ -213,6 +213,29 @@ class DaemonClient:
         reply: dict[str, Any] = self._call("POST", "/v1/gc", {"dry_run": dry_run})
         return reply
 
+    def watch(self, model_dir: Path, *, python: str | None = None) -> dict[str, Any]:
+        """Have the daemon re-lock and prefetch ``model_dir`` when its requirements change.
+
+        ``model_dir`` must be absolute and normalized; ``python`` is a version ("3.12") to
+        lock for as well, never a path. Only the daemon's own user and root may watch
+        (``NotPermitted`` otherwise). Returns the watch's state (docs/api.md).
+        """
+        body: dict[str, Any] = {"model_dir": str(model_dir)}
+        if python is not None:
+            body["python"] = python
+        reply: dict[str, Any] = self._call("POST", "/v1/watch", body)
+        return reply
+
+    def unwatch(self, model_dir: Path) -> dict[str, Any]:
+        """Stop watching ``model_dir``: ``{"model_dir", "was_watched", "configured"}``."""
+        reply: dict[str, Any] = self._call("POST", "/v1/unwatch", {"model_dir": str(model_dir)})
+        return reply
+
+    def watches(self) -> list[dict[str, Any]]:
+        """Every watched dir with its state and recent events (oldest first)."""
+        reply: list[dict[str, Any]] = self._call("GET", "/v1/watch")["watched"]
+        return reply
+
     def take_lease(self, sha256s: Sequence[str], view: Path | None = None) -> int:
         """Protect trees (and a view) from GC for as long as this process lives."""
         body = {"sha256s": list(sha256s), "view": None if view is None else str(view)}

@@ -127,10 +127,19 @@ def _exclusive(model_dir: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _staging(model_dir: Path) -> Iterator[Path]:
-    """A scratch dir inside ``.carton`` (same filesystem: publishing is a rename)."""
+    """A scratch dir inside ``.carton`` (same filesystem: publishing is a rename).
+
+    Only used under the model dir's flock (:func:`_exclusive`), so any ``.staging-*`` dir
+    found there belongs to a run that was killed (SIGKILL, or the daemon stopping a re-lock
+    that ignored SIGTERM): a live run would hold the flock. Those are removed first.
+    """
     carton_dir = model_dir / ".carton"
     created = not carton_dir.exists()
     carton_dir.mkdir(exist_ok=True)
+    for stale in carton_dir.glob(".staging-*"):
+        if stale.is_dir() and not stale.is_symlink():
+            log.info("removing %s, left by a lock that was killed", stale)
+            shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=carton_dir))
     try:
         yield staging
