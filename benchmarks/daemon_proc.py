@@ -9,7 +9,10 @@ removes its runtime dir. Every daemon started here is also stopped at interprete
 interrupted run leaves none behind.
 
 The daemon's environment is the benchmarks' isolated one (no ``WHEELCAS_*``, ``PYTHON*``,
-``PIP_*``, ``UV_*`` variables); its output goes to a log file whose tail any error shows.
+``PIP_*``, ``UV_*`` variables; ``PIP_CONFIG_FILE=/dev/null``); its output goes to a log file
+whose tail any error shows. A daemon that watches model dirs (:class:`WatchSettings`) gets a
+``[watch]`` section: its re-locks run pip with that environment plus ``watch.pip_args``, so
+the index (the loopback one) must be named there.
 """
 
 from __future__ import annotations
@@ -72,7 +75,22 @@ def _toml_string(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string for these values
 
 
-def config_text(allowed_hosts: tuple[str, ...] = ("127.0.0.1",)) -> str:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WatchSettings:
+    """The daemon's ``[watch]`` section: ``settle`` seconds, and the pip options of a re-lock
+    (``--index-url`` of the loopback index: the isolated environment has no pip config)."""
+
+    settle: float
+    pip_args: tuple[str, ...]
+
+    def toml_lines(self) -> list[str]:
+        args = ", ".join(_toml_string(a) for a in self.pip_args)
+        return ["[watch]", f"settle = {self.settle!r}", f"pip_args = [{args}]", ""]
+
+
+def config_text(
+    allowed_hosts: tuple[str, ...] = ("127.0.0.1",), watch: WatchSettings | None = None
+) -> str:
     hosts = ", ".join(_toml_string(h) for h in allowed_hosts)
     return "\n".join(
         [
@@ -86,6 +104,7 @@ def config_text(allowed_hosts: tuple[str, ...] = ("127.0.0.1",)) -> str:
             "[server]",
             'shutdown_timeout = "10s"',
             "",
+            *(watch.toml_lines() if watch is not None else []),
         ]
     )
 
@@ -112,12 +131,15 @@ def _wait_healthy(daemon: DaemonProcess, timeout: float) -> None:
             time.sleep(0.02)
 
 
-def start_daemon(store: Path, *, timeout: float = START_TIMEOUT_S) -> DaemonProcess:
-    """A daemon over ``store`` (made if absent), healthy when this returns."""
+def start_daemon(
+    store: Path, *, timeout: float = START_TIMEOUT_S, watch: WatchSettings | None = None
+) -> DaemonProcess:
+    """A daemon over ``store`` (made if absent), healthy when this returns; with ``watch``,
+    configured to watch model dirs with those settings (none is watched until asked)."""
     store.mkdir(parents=True, exist_ok=True)
     runtime = Path(tempfile.mkdtemp(prefix="wcb-", dir=_RUNTIME_PARENT))
     socket_path, config = runtime / "d.sock", runtime / "daemon.toml"
-    config.write_text(config_text(), encoding="utf-8")
+    config.write_text(config_text(watch=watch), encoding="utf-8")
     argv = [sys.executable, "-m", "cas_daemon", "--store", str(store)]
     argv += ["--socket", str(socket_path), "--config", str(config)]
     with (runtime / "daemon.log").open("wb") as log:
