@@ -657,6 +657,10 @@ async def run_for_daemon(
         collect, layout, metadata, limits, dry_run=dry_run, now=time.time()
     )
     report: dict[str, Any] = {"dry_run": dry_run, "plan": plan.to_json(), "lines": plan.lines()}
+    # For `wheelcas gc`, which collects the loader's gather cache under the same root with
+    # these limits (this layer cannot: it never imports the loader).
+    report["store_root"] = str(layout.root)
+    report["limits"] = {"max_bytes": limits.max_bytes, "max_age_seconds": limits.max_age_seconds}
     if result is None:
         report["summary"] = plan.lines()[0]
     else:

@@ -146,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("path", help="print the model's PYTHONPATH (locking if needed)")
     p.add_argument("model_dir", type=Path, metavar="DIR")
     p.add_argument("--lines", action="store_true", help="one entry per line")
+    p.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="runner option; only bundled_packages_dir, external_package_dirs and "
+        "keep_external_dir_names change the path (others are accepted and ignored)",
+    )
 
     p = sub.add_parser(
         "daemon", help="run the store daemon (same as `python -m cas_daemon`)", add_help=False
@@ -432,12 +440,18 @@ def _cmd_selftest(ns: argparse.Namespace) -> int:
 
 def _cmd_path(ns: argparse.Namespace) -> int:
     from loader import embedded
+    from loader.localpkgs import local_package_dirs
+    from loader.options import parse_cli_option, parse_local_package_opts
     from loader.packages import ready_package_dirs
 
     model_dir = ns.model_dir.absolute()
+    # The same local dirs as a load, in its order (the bundled `packages/` when it exists,
+    # then the external dirs); a missing external dir fails before locking.
+    opts = dict(parse_cli_option(a) for a in ns.opt)
+    local = local_package_dirs(model_dir, parse_local_package_opts(opts))
     # No lease: this process exits right away; the shell that uses the paths is not known.
     dirs = ready_package_dirs(model_dir, lease=False)
-    plan = embedded.plan_for(model_dir, dirs)
+    plan = embedded.plan_for(model_dir, dirs, local)
     print(("\n" if ns.lines else os.pathsep).join(plan.entries))
     return 0
 
@@ -524,12 +538,47 @@ def _cmd_gc(ns: argparse.Namespace) -> int:
                 "of its configuration (gc.max_bytes, gc.max_age)."
             )
         report = client.gc(dry_run=ns.dry_run)
+        report["lines"] = [*report.get("lines", []), *_gather_gc_beside_daemon(report, ns)]
     else:
         report = _local_gc(ns)
     for line in report.get("lines", []):
         print(line)
     print(report.get("summary", ""))
     return 0
+
+
+def _gather_gc_beside_daemon(report: dict[str, Any], ns: argparse.Namespace) -> list[str]:
+    """The gather cache is the loader's (cas_daemon cannot import it), so this process
+    collects it, with the daemon's age limit, when the daemon's store is this one's."""
+    import time
+
+    from cas_daemon.layout import default_store_root
+    from loader.gather_gc import collect_gather_cache
+    from loader.gathering import gather_home
+
+    root, limits = report.get("store_root"), report.get("limits")
+    if not isinstance(root, str) or not isinstance(limits, dict):
+        return [
+            "gather cache not collected: this daemon does not report its store root and "
+            "limits (an older wheelcas); run `wheelcas --no-daemon gc --max-age 30d`"
+        ]
+    if os.path.realpath(root) != os.path.realpath(default_store_root()):
+        return [
+            f"gather cache not collected: the daemon's store {root} is not this "
+            f"process's ({default_store_root()}, WHEELCAS_HOME)"
+        ]
+    max_age = limits.get("max_age_seconds")
+    home = gather_home()
+    done = collect_gather_cache(
+        home,
+        max_age=float(max_age) if isinstance(max_age, int | float) else None,
+        now=time.time(),
+        dry_run=ns.dry_run,
+    )
+    if done is None:
+        return []
+    plan, result = done
+    return plan.lines(home) + ([] if result is None else result.lines())
 
 
 def _local_gc(ns: argparse.Namespace) -> dict[str, Any]:
@@ -548,8 +597,9 @@ def _local_gc(ns: argparse.Namespace) -> dict[str, Any]:
     )
     layout = StoreLayout(default_store_root())
     metadata = Metadata.open(layout)
+    now = time.time()
     try:
-        plan, result = collect(layout, metadata, limits, dry_run=ns.dry_run, now=time.time())
+        plan, result = collect(layout, metadata, limits, dry_run=ns.dry_run, now=now)
     finally:
         metadata.close()
     report: dict[str, Any] = {"lines": plan.lines()}
@@ -558,6 +608,20 @@ def _local_gc(ns: argparse.Namespace) -> dict[str, Any]:
             f"removed {len(result.removed)} items, freed {human_bytes(result.bytes_freed)}; "
             f"{len(result.skipped)} skipped"
         )
+    # The gather cache under the same root: its trees by the same age limit (none: no tree
+    # goes by age), its unlinked pool objects, leftovers and orphaned stat caches always.
+    from loader.gather_gc import collect_gather_cache
+    from loader.gathering import gather_home
+
+    home = gather_home()
+    gathered = collect_gather_cache(
+        home, max_age=limits.max_age_seconds, now=now, dry_run=ns.dry_run
+    )
+    if gathered is not None:
+        gather_plan, gather_result = gathered
+        report["lines"] += gather_plan.lines(home)
+        if gather_result is not None:
+            report["lines"] += gather_result.lines()
     return report
 
 

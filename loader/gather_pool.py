@@ -36,7 +36,7 @@ from loader.gather_walk import read_chunks, same_file_state
 log = logging.getLogger("wheelcas.gather")
 
 #: Leftover staging dirs in ``tmp/`` older than this belong to killed processes.
-_STALE_TMP_S = 24 * 3600
+STALE_TMP_S = 24 * 3600
 
 
 def path_key(text: str) -> str:
@@ -84,6 +84,10 @@ class Pool:
                     f"{source} changed while it was being gathered; run the command again "
                     "once nothing writes to it."
                 )
+            if self.has(found, executable, before.st_size):
+                # Keep the object there: the trees and outputs linking it share its inode,
+                # so that `wheelcas gc` frees it once none of them is left.
+                return found
             tmp.chmod(0o555 if executable else 0o444)
             final = self.path(found, executable)
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +105,11 @@ class Pool:
             self.ingest(entry.source, Path(entry.source).stat(), expected=entry.digest)
             ingested = True
         try:
+            os.link(obj, target)
+        except FileNotFoundError:
+            # `wheelcas gc` removed the object (no output linked it) since it was checked.
+            self.ingest(entry.source, Path(entry.source).stat(), expected=entry.digest)
+            ingested = True
             os.link(obj, target)
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EMLINK, errno.EPERM):
@@ -168,15 +177,43 @@ def _rmtree(path: Path) -> None:
 
 @contextlib.contextmanager
 def _flock(path: Path) -> Iterator[None]:
+    """Hold ``path``'s exclusive flock for the block, waiting for it.
+
+    `wheelcas gc` deletes the lock file of a cached tree it removes, while holding it; a
+    gather that was waiting then holds a lock on a file no longer there, so it takes the lock
+    again on the file now at ``path`` (the usual flock-and-unlink protocol).
+    """
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = path.stat()
+            except FileNotFoundError:
+                continue
+            held = os.fstat(fd)
+            if (current.st_dev, current.st_ino) != (held.st_dev, held.st_ino):
+                continue
+            yield
+            return
+        finally:
+            os.close(fd)
+
+
+def tree_lock_path(home: Path, digest: str) -> Path:
+    """The lock of ``trees/<digest>``: held while a gather looks it up, marks it used or
+    builds it, and by `wheelcas gc` while it removes it (:mod:`loader.gather_gc`)."""
+    return home / "locks" / f"tree-{digest}.lock"
+
+
+def mark_used(marker: Path) -> None:
+    """Record a cached tree's last use as its marker's mtime, which `wheelcas gc` reads
+    to find trees unused for longer than its age limit."""
+    with contextlib.suppress(OSError):  # a cache shared read-only: the age limit still works
+        os.utime(marker)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -267,23 +304,32 @@ def publish_output(plan: Plan, output: Path, pool: Pool, home: Path) -> tuple[bo
 
 def publish_cached(plan: Plan, pool: Pool, home: Path) -> tuple[Path, bool, int]:
     """``trees/<digest>``, built unless there: (its path, reused, files copied into the pool
-    while building). Never changed once there: a new content is a new digest."""
+    while building). Never changed once there: a new content is a new digest.
+
+    Under the tree's lock, which `wheelcas gc` takes too: a tree found here is marked used
+    (its marker's mtime) before the lock is released, so GC, which checks the last use again
+    under the lock, never removes a tree a gather has just returned.
+    """
     final = home / "trees" / plan.digest
-    if (final / MARKER_NAME).is_file():
-        return final, True, 0
-    pool.tmp.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"tree-{plan.digest[:16]}.", dir=pool.tmp))
-    try:
-        copied = build(plan, staging, pool)
-        final.parent.mkdir(parents=True, exist_ok=True)
+    marker = final / MARKER_NAME
+    with _flock(tree_lock_path(home, plan.digest)):
+        if marker.is_file():
+            mark_used(marker)
+            return final, True, 0
+        pool.tmp.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"tree-{plan.digest[:16]}.", dir=pool.tmp))
         try:
-            staging.rename(final)
-        except OSError as exc:
-            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise
-            return final, True, copied  # a concurrent gather published the same tree
-    finally:
-        _rmtree(staging)
+            copied = build(plan, staging, pool)  # the marker, written last, dates its use
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                staging.rename(final)
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                mark_used(marker)
+                return final, True, copied  # made meanwhile by a gather not taking the lock
+        finally:
+            _rmtree(staging)
     return final, False, copied
 
 
@@ -292,7 +338,7 @@ def remove_stale(tmp: Path) -> None:
     while in use: objects and trees are renamed out of it when complete)."""
     if not tmp.is_dir():
         return
-    cutoff = time.time() - _STALE_TMP_S
+    cutoff = time.time() - STALE_TMP_S
     for leftover in tmp.iterdir():
         with contextlib.suppress(OSError):
             if leftover.lstat().st_mtime < cutoff:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,13 +145,19 @@ def _local_dirs(model_dir: Path, options: GatherOptions) -> LocalPackageDirs:
 
 
 def _plan(
-    model_dir: Path, dirs: LocalPackageDirs, bundled: str, pool: Pool, home: Path
+    model_dir: Path,
+    dirs: LocalPackageDirs,
+    bundled: str,
+    pool: Pool,
+    home: Path,
+    skip: frozenset[str] = frozenset(),
 ) -> tuple[Plan, int, list[str]]:
-    """The plan, the files copied into the pool, and the warnings."""
-    walked: list[tuple[str | None, Walk]] = [(None, walk(model_dir, keep_links=True))]
+    """The plan, the files copied into the pool, and the warnings. ``skip``: real paths
+    left out of every walk."""
+    walked: list[tuple[str | None, Walk]] = [(None, walk(model_dir, keep_links=True, skip=skip))]
     for external in dirs.external:
         name = external.name if dirs.keep_external_names else None
-        walked.append((name, walk(external, keep_links=True)))
+        walked.append((name, walk(external, keep_links=True, skip=skip)))
     copied = 0
     parts: list[tuple[str | None, dict[str, PlanEntry]]] = []
     warnings: list[str] = []
@@ -174,6 +180,7 @@ def gather(
     *,
     runner_opts: Mapping[str, object] | None = None,
     keep_dir_names: bool | None = None,
+    exclude: Iterable[str | os.PathLike[str]] = (),
 ) -> GatherResult:
     """Gather the model dir and its external package dirs (``runner_opts``'s
     ``external_package_dirs``) into one self-contained dir.
@@ -182,7 +189,10 @@ def gather(
     content is unchanged. Otherwise ``output`` must be new, empty, or an earlier gather output
     (rebuilt only when its content changed, and swapped in whole). ``keep_dir_names``
     overrides the ``keep_external_dir_names`` option: each external dir keeps its name inside
-    the bundled packages dir instead of its contents being merged there.
+    the bundled packages dir instead of its contents being merged there. ``exclude``: exact
+    paths (files or dirs) left out wherever they are found, e.g. the ``.carton`` that
+    :func:`~loader.packing.pack` writes into the model dir (an older one there would otherwise
+    be packed into the new one).
     """
     options = gather_options(runner_opts, keep_dir_names)
     model = Path(model_dir).absolute()
@@ -195,7 +205,8 @@ def gather(
     home = gather_home()
     pool = Pool(home)
     remove_stale(pool.tmp)
-    plan, copied, warnings = _plan(model, dirs, options.bundled_packages_dir, pool, home)
+    skip = frozenset(os.path.realpath(p) for p in exclude)
+    plan, copied, warnings = _plan(model, dirs, options.bundled_packages_dir, pool, home, skip)
     for line in warnings:
         log.warning("%s", line)
     if path is None:

@@ -32,6 +32,7 @@ from loader.options import (
     BUNDLED_PACKAGES_DIR,
     EXTERNAL_PACKAGE_DIRS,
     KEEP_EXTERNAL_DIR_NAMES,
+    LocalPackageOptions,
     RunnerOptions,
 )
 from loader.syspath import PackageDir
@@ -55,7 +56,9 @@ class LocalPackageDirs:
     keep_external_names: bool = False
 
 
-def local_package_dirs(model_dir: Path, options: RunnerOptions) -> LocalPackageDirs:
+def local_package_dirs(
+    model_dir: Path, options: RunnerOptions | LocalPackageOptions
+) -> LocalPackageDirs:
     """Resolve the options against ``model_dir``; a missing external dir is an error.
 
     So is an external dir inside the model dir (it belongs in the bundled dir), one that
@@ -112,7 +115,7 @@ def _check_own_names(external: Sequence[Path]) -> None:
             )
 
 
-def _bundled_dir(model_dir: Path, options: RunnerOptions) -> Path:
+def _bundled_dir(model_dir: Path, options: RunnerOptions | LocalPackageOptions) -> Path:
     name = options.bundled_packages_dir
     if Path(name).is_absolute() or ".." in Path(name).parts:
         raise ModelConfigError(

@@ -101,6 +101,27 @@ def _local_package_options(opts: Mapping[str, object]) -> tuple[str, tuple[str, 
     return bundled, external, keep
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LocalPackageOptions:
+    """The local-package options alone, for what needs no entrypoint (``wheelcas path``):
+    :func:`loader.localpkgs.local_package_dirs` takes these as it takes
+    :class:`RunnerOptions`."""
+
+    bundled_packages_dir: str = DEFAULT_BUNDLED_PACKAGES_DIR
+    external_package_dirs: tuple[str, ...] = ()
+    keep_external_dir_names: bool = False
+
+
+def parse_local_package_opts(opts: Mapping[str, object] | None) -> LocalPackageOptions:
+    """Validate only ``bundled_packages_dir``, ``external_package_dirs`` and
+    ``keep_external_dir_names`` (as :func:`parse_runner_opts` does); other options are not
+    looked at, so no entrypoint is required."""
+    bundled, external, keep = _local_package_options(normalize_runner_opts(opts))
+    return LocalPackageOptions(
+        bundled_packages_dir=bundled, external_package_dirs=external, keep_external_dir_names=keep
+    )
+
+
 def parse_runner_opts(opts: Mapping[str, object] | None) -> RunnerOptions:
     """Validate every option; the error names the option and the accepted types."""
     opts = normalize_runner_opts(opts)

@@ -396,7 +396,9 @@ def pack(
         # (it is a shared, content-keyed cache entry).
         from loader.gathering import gather
 
-        gathered = gather(model_dir, runner_opts=runner_opts)
+        # The .carton may be written inside the model (or an external) dir: an older one
+        # there is not part of the model, as packing skips it below.
+        gathered = gather(model_dir, runner_opts=runner_opts, exclude=[destination])
         log.info(
             "gathered the scattered model into %s (%d files, %d copied); packing that",
             gathered.path,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -409,6 +410,34 @@ def test_cli_infer_with_external_dirs(scattered: Path) -> None:
     assert missing.returncode == 2
     assert "external package dir '../nowhere'" in missing.stderr
     assert "is not a directory" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+@pytest.mark.slow
+def test_cli_path_lists_the_bundled_dir_and_the_external_dirs_of_opt(scattered: Path) -> None:
+    shared = scattered.parent / "shared"
+    plain = run_cli("path", str(scattered), "--lines")
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.splitlines()[:2] == [str(scattered), str(scattered / "packages")]
+    done = run_cli(
+        "path", str(scattered), "--lines", "--opt", "external_package_dirs=../shared",
+        "--opt", "model.scale=2",  # other options are accepted; no entrypoint is needed
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    entries = done.stdout.splitlines()
+    assert entries[:3] == [str(scattered), str(scattered / "packages"), str(shared)]
+    assert entries[3].startswith(os.environ["WHEELCAS_HOME"])  # then the locked packages
+    child = subprocess.run(
+        [sys.executable, "-c", "import bundled_mod, shared_mod, alpha; print(shared_mod.S)"],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(entries)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert child.stdout.strip() == "1"
+    missing = run_cli("path", str(scattered), "--opt", "external_package_dirs=../nowhere")
+    assert missing.returncode == 2
+    assert "external package dir '../nowhere'" in missing.stderr
     assert "Traceback" not in missing.stderr
 
 

@@ -430,13 +430,9 @@ def get_model():
 """
 
 
-def test_a_packed_scattered_model_loads_after_its_external_dirs_are_gone(
-    tmp_path: Path, wheel_dir: Path, package_index: PackageIndex
-) -> None:
-    """``pack`` gathers first: the .carton holds the external dirs' contents in the bundled
-    packages dir, and its options no longer name dirs outside it."""
-    from tests.test_load import run_cli
-
+def _scattered_model(tmp_path: Path, wheel_dir: Path) -> Path:
+    """``model/`` (SCATTERED_ENTRY, requiring alpha) importing from ``shared/`` and
+    ``libs/`` beside it."""
     build_dependencies(wheel_dir)
     model_dir = tmp_path / "model"
     (model_dir / "pkg").mkdir(parents=True)
@@ -447,6 +443,17 @@ def test_a_packed_scattered_model_loads_after_its_external_dirs_are_gone(
     (tmp_path / "shared" / "shared_util.py").write_text("")
     (tmp_path / "libs" / "helpers").mkdir(parents=True)
     (tmp_path / "libs" / "helpers" / "__init__.py").write_text("def scale(v):\n    return 3 * v\n")
+    return model_dir
+
+
+def test_a_packed_scattered_model_loads_after_its_external_dirs_are_gone(
+    tmp_path: Path, wheel_dir: Path, package_index: PackageIndex
+) -> None:
+    """``pack`` gathers first: the .carton holds the external dirs' contents in the bundled
+    packages dir, and its options no longer name dirs outside it."""
+    from tests.test_load import run_cli
+
+    model_dir = _scattered_model(tmp_path, wheel_dir)
     external = os.pathsep.join(["../shared", str(tmp_path / "libs")])
     output = tmp_path / "scattered.carton"
     done = run_cli(
@@ -480,3 +487,25 @@ def test_a_packed_scattered_model_loads_after_its_external_dirs_are_gone(
     store = Path(os.environ["WHEELCAS_HOME"]) / "v1" / "models"
     assert result["shared"].startswith(str(store))
     assert result["shared"].endswith("/model/packages/shared_util.py")
+
+
+def test_packing_a_scattered_model_into_its_own_dir_leaves_the_older_carton_out(
+    tmp_path: Path, wheel_dir: Path, package_index: PackageIndex
+) -> None:
+    """Packing gathers first; the gather must skip the ``.carton`` being written, or the
+    first package would be packed into the second (it is not part of the model)."""
+    model_dir = _scattered_model(tmp_path, wheel_dir)
+    output = model_dir / "model.carton"
+    opts: dict[str, OptionValue] = {
+        "entrypoint_package": "pkg.entry",
+        "entrypoint_fn": "get_model",
+        "external_package_dirs": os.pathsep.join(["../shared", "../libs"]),
+    }
+    for _ in range(2):
+        pack(model_dir, "python", PY_RANGE, runner_opts=opts, output=output,
+             pip_args=package_index.pip_args())  # fmt: skip
+    with ZipReader(output) as reader:
+        names = set(reader.entries)
+    assert {"model/packages/shared_util.py", "model/pkg/entry.py"} <= names
+    assert not [n for n in names if n.endswith(".carton")]
+    assert not [n for n in names if n.endswith(".packing")]
