@@ -86,8 +86,8 @@ def sweep_tmp(layout: StoreLayout) -> list[str]:
     for entry in tmp.iterdir():
         head, dot, _ = entry.name.partition(".")
         if entry.name == "uploads":
-            remove_sealed(entry)
-            removed.append(entry.name)
+            if _remove_leftover(entry):
+                removed.append(entry.name)
         elif dot and _SHA256.fullmatch(head):
             groups.setdefault(layout.lock_path(head), []).append(entry)
         elif dot and head.startswith(_VIEW_PREFIX) and _SHA256.fullmatch(head[len(_VIEW_PREFIX) :]):
@@ -96,9 +96,20 @@ def sweep_tmp(layout: StoreLayout) -> list[str]:
         with try_flock(lock) as held:
             if held:
                 for entry in entries:
-                    remove_sealed(entry)
-                    removed.append(entry.name)
+                    if _remove_leftover(entry):
+                        removed.append(entry.name)
     return removed
+
+
+def _remove_leftover(entry: Path) -> bool:
+    """Remove one leftover; a failure is logged, not fatal: serving matters more than tidying,
+    and the next start-up (or ``wheelcas fsck``) tries again."""
+    try:
+        remove_sealed(entry)
+    except OSError as exc:
+        log.warning("could not remove the leftover %s (%s); will try at the next start", entry, exc)
+        return False
+    return True
 
 
 def _answers(path: Path) -> bool:

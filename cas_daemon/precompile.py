@@ -72,8 +72,36 @@ _STDERR_TAIL: Final = 2000
 # worker's filesystem encoding. Its real stdout is kept for the protocol, fd 1 goes to
 # stderr so that nothing printed by accident can corrupt it. SIGINT is the parent's to
 # handle: a worker ends when its stdin does, so it never outlives the parent for long.
+# It compiles as py_compile.compile does (same messages, same invalidation mode), but checks
+# that its parent still lives after compiling and before creating a dir or writing: a worker
+# of a daemon killed with -9 holds batches of a staging tree that the next daemon's start-up
+# sweep removes, and py_compile's makedirs would create those dirs again behind it.
 _WORKER: Final = """\
 import json, os, signal, sys, warnings, py_compile
+import importlib.machinery, importlib.util
+from importlib import _bootstrap_external as external
+
+PARENT = os.getppid()
+MODE = py_compile._get_default_invalidation_mode()
+
+def compile_one(source, display):
+    loader = importlib.machinery.SourceFileLoader("<py_compile>", source)
+    data = loader.get_data(source)
+    try:
+        code = loader.source_to_code(data, display or source)
+    except Exception as exc:
+        raise py_compile.PyCompileError(exc.__class__, exc, display or source)
+    if os.getppid() != PARENT:
+        os._exit(0)  # orphaned: what was asked of it is no one's any more
+    cfile = importlib.util.cache_from_source(source)
+    if MODE == py_compile.PycInvalidationMode.TIMESTAMP:
+        stats = loader.path_stats(source)
+        pyc = external._code_to_timestamp_pyc(code, stats["mtime"], stats["size"])
+    else:
+        checked = MODE == py_compile.PycInvalidationMode.CHECKED_HASH
+        pyc = external._code_to_hash_pyc(code, importlib.util.source_hash(data), checked)
+    os.makedirs(os.path.dirname(cfile), exist_ok=True)
+    external._write_atomic(cfile, pyc, external._calc_mode(source))
 
 def main():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -93,7 +121,7 @@ def main():
         failed = []
         for index, (source, display) in enumerate(json.loads(line.decode("ascii"))):
             try:
-                py_compile.compile(path(source), dfile=path(display), doraise=True)
+                compile_one(path(source), path(display))
             except py_compile.PyCompileError as exc:
                 failed.append([index, "compile", exc.msg[-1000:], 0])
             except OSError as exc:
