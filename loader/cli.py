@@ -155,10 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         "keep_external_dir_names change the path (others are accepted and ignored)",
     )
 
-    p = sub.add_parser(
-        "daemon", help="run the store daemon (same as `python -m cas_daemon`)", add_help=False
-    )
-    p.add_argument("daemon_args", nargs=argparse.REMAINDER)
+    # Its own options are the daemon's parser's: main() hands them over unparsed.
+    sub.add_parser("daemon", help="run the store daemon (same as `python -m cas_daemon`)")
 
     sub.add_parser("status", help="the daemon's status, or the local store's statistics")
 
@@ -653,8 +651,27 @@ _COMMANDS = {
 }
 
 
+_GLOBAL_FLAGS = frozenset({"-v", "--verbose", "-q", "--quiet", "--no-daemon"})
+
+
+def split_daemon_args(argv: Sequence[str]) -> tuple[list[str], list[str] | None]:
+    """``argv`` up to the ``daemon`` command, and the daemon's own arguments after it (None
+    for any other command). argparse cannot pass options such as ``--socket PATH`` through a
+    subcommand untouched (``REMAINDER`` swallows neither a leading option nor its value), so
+    they never reach it."""
+    for index, arg in enumerate(argv):
+        if arg in _GLOBAL_FLAGS:
+            continue
+        if arg == "daemon":
+            return list(argv[: index + 1]), list(argv[index + 1 :])
+        break
+    return list(argv), None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    head, daemon_args = split_daemon_args(sys.argv[1:] if argv is None else argv)
+    ns = build_parser().parse_args(head)
+    ns.daemon_args = daemon_args or []
     if ns.no_daemon:
         os.environ["WHEELCAS_SOCKET"] = "off"  # children (the store fill) inherit it
     level = logging.WARNING if ns.quiet else logging.DEBUG if ns.verbose else logging.INFO

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from loader.cli import main
+from loader.cli import main, split_daemon_args
+from tests.daemon_support import Daemon, daemon_settings, wait_healthy, write_config
 from tests.support.index import PackageIndex
 from tests.support.wheels import build_wheel
 
@@ -77,3 +80,29 @@ def test_lock_failure_prints_pips_error(
     assert "pip said:" in err
     assert "does-not-exist" in err
     assert not (model / ".carton").exists()
+
+
+def test_split_daemon_args_hands_the_daemons_options_over_untouched() -> None:
+    assert split_daemon_args(["-v", "daemon", "--socket", "/s", "--store", "/d"]) == (
+        ["-v", "daemon"],
+        ["--socket", "/s", "--store", "/d"],
+    )
+    assert split_daemon_args(["status"]) == (["status"], None)
+    assert split_daemon_args(["path", "daemon"]) == (["path", "daemon"], None)  # a dir named so
+
+
+def test_wheelcas_daemon_with_its_options_serves(short_tmp: Path) -> None:
+    """``wheelcas daemon --socket PATH --store DIR --config FILE``, as the README shows it."""
+    config = write_config(short_tmp / "d.toml", daemon_settings())
+    socket_path, store = short_tmp / "d.sock", short_tmp / "store"
+    argv = [sys.executable, "-m", "loader.cli", "daemon", "--socket", str(socket_path)]
+    argv += ["--store", str(store), "--config", str(config)]
+    log_path = short_tmp / "d.log"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    daemon = Daemon(process, socket_path, store, log_path)
+    try:
+        wait_healthy(daemon)
+        assert daemon.client().status()["store"]["root"] == str(store)
+    finally:
+        assert daemon.stop() == 0
