@@ -24,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cas_daemon.watch import error_text
+from cas_daemon.watch import PythonTarget, error_text
 from lockgen.errors import WheelcasError
 
 log = logging.getLogger("wheelcas.daemon")
@@ -40,6 +40,26 @@ class RelockFailed(WheelcasError):
         self.model_dir = str(model_dir)
         self.error = error
         super().__init__(f"re-locking {model_dir} failed; the previous lockfile was kept: {error}")
+
+
+def partial_failure(error: str, failed: PythonTarget, written: Sequence[PythonTarget]) -> str:
+    """The error of a round whose lock for ``failed`` failed after those for ``written``.
+
+    Each lock child says "the previous lockfile was kept", which is true of its own run
+    only: the first child of the round already replaced the lockfile, so the user must hear
+    which entries it holds now.
+    """
+    if not written:
+        return error
+    done = ", ".join(str(t) for t in written)
+    error = error.replace(
+        "the previous lockfile was kept", f"the lockfile written for {done} was kept"
+    )
+    return (
+        f"locking for {failed} failed after the lockfile had been rewritten: it now has the "
+        f"entries for {done} only, and {failed} (and any Python after it) is tried again on "
+        f"the next change. {error}"
+    )
 
 
 def lock_argv(model_dir: Path, interpreter: str, pip_args: Sequence[str]) -> list[str]:

@@ -49,6 +49,7 @@ from cas_daemon.protocol import (
     MissingBundles,
     NotPermitted,
     Peer,
+    PythonSpec,
     ResolveRequest,
     Unavailable,
     WatchRequest,
@@ -59,8 +60,9 @@ from cas_daemon.store import Store, StoreStats, WheelRef
 from cas_daemon.uploads import Uploads
 from cas_daemon.watch import EventKind, PythonTarget
 from cas_daemon.watcher import Watches
+from cas_daemon.watchpaths import check_model_dir, trust_problems, warn_if_untrusted
 from lockgen.errors import WheelcasError
-from lockgen.lockfile import REQUIREMENTS_FILENAME, Sha256
+from lockgen.lockfile import Sha256
 
 log = logging.getLogger("wheelcas.daemon")
 _STATS_TTL_S = 10.0
@@ -150,16 +152,20 @@ class Service:
         on_event: ProgressCallback | None = None,
         *,
         prefetch: bool = False,
+        view: bool | None = None,
     ) -> Outcome:
         """Make the plan's wheels ready; for a resolve, then its view and lease.
 
-        The lease is taken first: a GC that runs meanwhile either sees it, or removed a tree
-        before it, which the store then publishes again (see ``Metadata.add_lease``).
+        ``view``: build the view (default: unless ``prefetch``); a watched dir's prefetch
+        builds it, so the next load finds it made (:meth:`ready_model`). The lease is taken
+        first: a GC that runs meanwhile either sees it, or removed a tree before it, which
+        the store then publishes again (see ``Metadata.add_lease``).
         """
         tag = plan.request.python.cache_tag
         unique = {ref.sha256: ref for ref in plan.refs}
         shas = list(unique)
-        key = views.view_key(shas, tag) if shas and not prefetch else None
+        with_view = not prefetch if view is None else view
+        key = views.view_key(shas, tag) if shas and with_view else None
         lease = None
         if plan.request.lease and not prefetch and peer is not None:
             lease = await self._record_lease(peer, shas, key)
@@ -175,8 +181,8 @@ class Service:
                 )
                 await self._record_published(readied, tag)
             await self.uploads.forget_used(plan.refs)
-            view, view_error = (None, None) if key is None else await self._view(plan, key)
-            await self._record_use(shas, key if view is not None else None)
+            site, view_error = (None, None) if key is None else await self._view(plan, key)
+            await self._record_use(shas, key if site is not None else None)
         except BaseException as exc:
             if lease is not None:
                 await self._drop_lease_record(lease)
@@ -186,7 +192,7 @@ class Service:
             self.metrics.prefetches += 1
         else:
             self.metrics.resolves += 1
-        return Outcome(view, tuple(sites), lease, len(shas), already, view_error)
+        return Outcome(site, tuple(sites), lease, len(shas), already, view_error)
 
     async def _view(self, plan: Plan, key: str) -> tuple[Path | None, WheelcasError | None]:
         """The view of the plan's trees (one sys.path entry); None and why if impossible.
@@ -367,15 +373,21 @@ class Service:
         self.watches = Watches(
             self, settle=self.config.watch_settle, pip_args=self.config.watch_pip_args
         )
-        for model_dir in self.config.watch_model_dirs:
+        uid = os.geteuid()
+        for model_dir in self.config.watch_model_dirs:  # listed by the admin: a warning only
+            await asyncio.to_thread(warn_if_untrusted, model_dir, uid)
             await self.watches.add(model_dir, source="config", trigger="start", strict=False)
         if self.metadata is not None:
             roots = await asyncio.to_thread(self.metadata.roots)
             for root in roots:
-                if root.kind == "watched" and Path(root.path) not in self.watches:
-                    await self.watches.add(
-                        Path(root.path), source="api", trigger="start", strict=False
-                    )
+                path = Path(root.path)
+                if root.kind != "watched" or path in self.watches:
+                    continue
+                problems = await asyncio.to_thread(_trust_problems, path, uid)
+                if problems:  # a watch request would be refused now: so is its restart
+                    log.error("watch %s: not watched again: %s", path, "; ".join(problems))
+                    continue
+                await self.watches.add(path, source="api", trigger="start", strict=False)
 
     async def stop_watching(self) -> None:
         """Stop every watch and its lock child (the watched list stays in the index)."""
@@ -387,32 +399,45 @@ class Service:
         """Watch a model dir for its owner (see the trust note in the module docstring)."""
         watches = self._watches_for(peer)
         model_dir = request.model_dir
-        await asyncio.to_thread(_check_model_dir, model_dir)
+        await asyncio.to_thread(check_model_dir, model_dir, os.geteuid())
         target = None
         if request.python is not None:
             target = PythonTarget(watches.own.implementation, request.python)
             await self.interpreter_for(target)  # no such interpreter: refused now (422)
-        new = model_dir not in watches
-        watch = await watches.add(model_dir, source="api", requested=target, trigger="watch")
-        if new and self.metadata is not None:
+        persist = None
+        if self.metadata is not None:
             metadata = self.metadata
 
-            def register() -> None:  # persisted, without replacing what a root already holds
-                if not any(
-                    r.kind == "watched" and r.path == str(model_dir) for r in metadata.roots()
-                ):
+            def register() -> None:  # persisted, without replacing a root's trees
+                roots = metadata.roots()
+                if not any(r.kind == "watched" and r.path == str(model_dir) for r in roots):
                     metadata.set_root("watched", model_dir, [])
 
-            await asyncio.to_thread(register)
+            async def persist_root() -> None:
+                await asyncio.to_thread(register)
+
+            persist = persist_root
+
+        watch = await watches.add(
+            model_dir,
+            source="api",
+            requested=target,
+            trigger="watch",
+            persist=persist,
+        )
         return watch.state()
 
     async def unwatch(self, model_dir: Path, peer: Peer | None) -> dict[str, Any]:
         """Stop watching; its wheels are no longer kept for it (the root is dropped)."""
         watches = self._watches_for(peer)
         watch = watches.get(model_dir)
-        was_watched = await watches.remove(model_dir)
-        if self.metadata is not None:
-            await asyncio.to_thread(self.metadata.drop_root, "watched", model_dir)
+        metadata = self.metadata
+
+        async def forget() -> None:
+            if metadata is not None:
+                await asyncio.to_thread(metadata.drop_root, "watched", model_dir)
+
+        was_watched = await watches.remove(model_dir, forget)
         configured = watch is not None and watch.source == "config"
         return {"model_dir": str(model_dir), "was_watched": was_watched, "configured": configured}
 
@@ -443,29 +468,33 @@ class Service:
             python = await asyncio.to_thread(self.interpreters.find, tag, target.version)
         return python
 
-    async def ready_model(self, model_dir: Path, interpreters: Sequence[str]) -> int:
-        """Make a watched dir's lock ready for each interpreter and root it; how many wheels.
+    async def ready_model(
+        self, model_dir: Path, pythons: Sequence[tuple[PythonTarget, str]]
+    ) -> int:
+        """Make a watched dir's lock ready for each Python and root it; how many wheels.
 
+        Each Python's wheels and view are made as a resolve makes them (:meth:`execute`,
+        without a lease), so the next load of the model through the daemon only finds them.
         Reads the lockfile and the bundled wheels in the model dir itself (the exception of
         the trust note). The root is set first, as a lease is taken before a resolve: a GC
         meanwhile either sees it or ran before, and the trees are then published again.
         """
-        from cas_daemon.precompile import interpreter_cache_tag
-
-        plans = await asyncio.to_thread(_model_refs, model_dir, interpreters)
-        for _, refs in plans:
+        interpreters = [python for _, python in pythons]
+        refs_for = await asyncio.to_thread(_model_refs, model_dir, interpreters)
+        for _, refs in refs_for:
             for ref in refs:
                 if ref.url is not None:
                     check_host(ref.url, self.config.allowed_hosts)
-        keys = list(dict.fromkeys(ref.sha256 for _, refs in plans for ref in refs))
+        keys = list(dict.fromkeys(ref.sha256 for _, refs in refs_for for ref in refs))
         if self.metadata is not None:
             await _uncancelled(self.metadata.set_root, "watched", model_dir, keys)
-        for python, refs in plans:
-            tag = await asyncio.to_thread(interpreter_cache_tag, python)
-            readied: list[ProgressEvent] = []
-            await self.store.aready(refs, python=python, progress=self._listener(None, readied))
-            await self._record_published(readied, tag)
-        await self._record_use(keys, None)
+        for (target, python), (_, refs) in zip(pythons, refs_for, strict=True):
+            tag = target.cache_tag
+            if tag is None:  # interpreter_for never picks one: a bug if it happens
+                raise BadRequest("python", f"names {target}, which the daemon cannot run")
+            spec = PythonSpec(tag, target.version, target.implementation)
+            plan = Plan(ResolveRequest((), spec), tuple(refs), python)
+            await self.execute(plan, None, prefetch=True, view=True)
         return len(keys)
 
     def count_watch_event(self, kind: EventKind) -> None:
@@ -481,24 +510,11 @@ class Service:
         return await run_for_daemon(self.layout, self.metadata, self.config, dry_run=dry_run)
 
 
-def _check_model_dir(model_dir: Path) -> None:
-    """A dir to watch: it exists, has a requirements.txt, and the daemon may write to it."""
-    if not model_dir.is_dir():
-        raise BadRequest("model_dir", f"{model_dir} is not a directory")
-    if not (model_dir / REQUIREMENTS_FILENAME).is_file():
-        raise BadRequest(
-            "model_dir",
-            f"{model_dir} has no {REQUIREMENTS_FILENAME} (a model dir lists its dependencies "
-            "there; it may be empty)",
-        )
-    carton = model_dir / ".carton"
-    for directory in (model_dir, carton) if carton.is_dir() else (model_dir,):
-        if not os.access(directory, os.W_OK | os.X_OK):
-            raise NotPermitted(
-                f"the daemon's user (uid {os.geteuid()}) cannot write to {directory}, where a "
-                "re-lock writes the lockfile. Make it writable for that user, or watch it with "
-                "a daemon of the dir's owner."
-            )
+def _trust_problems(model_dir: Path, uid: int) -> list[str]:
+    try:
+        return trust_problems(model_dir, uid)
+    except OSError:
+        return []  # gone or unreadable: its check round says so
 
 
 def _model_refs(model_dir: Path, interpreters: Sequence[str]) -> list[tuple[str, list[WheelRef]]]:

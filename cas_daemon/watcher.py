@@ -14,12 +14,13 @@ import collections
 import hashlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from cas_daemon.fswatch import FsBridge
-from cas_daemon.relock import RelockFailed, run_lock
+from cas_daemon.protocol import Unavailable
+from cas_daemon.relock import RelockFailed, partial_failure, run_lock
 from cas_daemon.watch import (
     Decision,
     EventKind,
@@ -52,8 +53,11 @@ class WatchHost(Protocol):
         """The path of the daemon's interpreter for ``target``; ``NoInterpreter`` if none."""
         ...
 
-    async def ready_model(self, model_dir: Path, interpreters: Sequence[str]) -> int:
-        """Make the lock's wheels ready for each interpreter, root them for GC; how many."""
+    async def ready_model(
+        self, model_dir: Path, pythons: Sequence[tuple[PythonTarget, str]]
+    ) -> int:
+        """Make the lock's wheels (and their view) ready for each Python (its target and
+        interpreter), root them for GC; how many."""
         ...
 
     def count_watch_event(self, kind: EventKind) -> None: ...
@@ -155,6 +159,13 @@ class DirWatch:
 
     async def _round(self, current: Round) -> None:
         """Check, then re-lock and prefetch as the machine says. Cancelled when superseded."""
+        if not await asyncio.to_thread(self.model_dir.is_dir):
+            self._fail(
+                f"{self.model_dir} is gone (renamed or deleted); the watch goes on, and checks "
+                "it again when a dir appears at that path. `wheelcas unwatch` it if it is "
+                "gone for good."
+            )
+            return
         requirements, lockfile = await asyncio.to_thread(_read_state, self.model_dir)
         current.requirements_sha256 = requirements
         entries = [] if lockfile is None else [e.markers for e in lockfile.entries]
@@ -187,16 +198,20 @@ class DirWatch:
             self._record(current.event("unchanged", time.time()))
             return
         if phase is Phase.LOCKING:
-            try:
-                for _, path in pythons:
+            written: list[PythonTarget] = []
+            for target, path in pythons:
+                try:
                     await run_lock(self.model_dir, path, self._pip_args)
-            except RelockFailed as exc:
-                self._fail(exc.error)
-                return
+                except RelockFailed as exc:
+                    if written:  # the new lockfile lacks the others: remember to retry them
+                        self.targets = [t for t, _ in pythons]
+                    self._fail(partial_failure(exc.error, target, written))
+                    return
+                written.append(target)
             self.machine.lock_written(time.time())
-            self.targets = [target for target, _ in pythons]
+            self.targets = written
         try:
-            current.wheels = await self._host.ready_model(self.model_dir, current.interpreters)
+            current.wheels = await self._host.ready_model(self.model_dir, pythons)
         except WheelcasError as exc:
             self._fail(f"the lock's wheels could not be made ready: {exc}")
             return
@@ -252,6 +267,11 @@ class Watches:
         self._environment = current_environment()
         self.own = target_of(self._environment)
         self._dirs: dict[Path, DirWatch] = {}
+        #: Held across add and remove: their check, arming and insert are one step, so
+        #: concurrent requests for one dir make one DirWatch (and one round), never orphans.
+        self._lock = asyncio.Lock()
+        self._closed = False
+        self._rearming: set[asyncio.Task[None]] = set()
         self._bridge = FsBridge(asyncio.get_running_loop(), self._on_change)
 
     def __contains__(self, model_dir: Path) -> bool:
@@ -271,12 +291,29 @@ class Watches:
         requested: PythonTarget | None = None,
         trigger: Trigger = "watch",
         strict: bool = True,
+        persist: Callable[[], Awaitable[None]] | None = None,
     ) -> DirWatch:
         """Watch ``model_dir`` and check it once now; the existing watch if there is one.
 
         ``strict``: an OSError while arming inotify is raised (an API request); otherwise
         logged, and the check reports what is wrong (a configured dir that is gone).
+        ``persist``: awaited for a new watch before its first round starts, under the same
+        lock as :meth:`remove` (so an unwatch cannot come between and be undone).
         """
+        async with self._lock:
+            return await self._add(model_dir, source, requested, trigger, strict, persist)
+
+    async def _add(
+        self,
+        model_dir: Path,
+        source: Source,
+        requested: PythonTarget | None,
+        trigger: Trigger,
+        strict: bool,
+        persist: Callable[[], Awaitable[None]] | None,
+    ) -> DirWatch:
+        if self._closed:
+            raise Unavailable("this daemon is not watching model dirs now (it is stopping)")
         found = self._dirs.get(model_dir)
         if found is not None:
             if requested is not None and requested not in found.targets:
@@ -301,22 +338,35 @@ class Watches:
             environment=self._environment,
         )
         self._dirs[model_dir] = watch
+        if persist is not None:
+            await persist()
         watch.notify(trigger)
         return watch
 
-    async def remove(self, model_dir: Path) -> bool:
-        """Stop watching ``model_dir`` (its lock child, if any, is stopped); was it watched?"""
-        watch = self._dirs.pop(model_dir, None)
-        if watch is None:
-            return False
-        await watch.aclose()
-        await asyncio.to_thread(self._bridge.disarm, model_dir)
-        return True
+    async def remove(
+        self, model_dir: Path, forget: Callable[[], Awaitable[None]] | None = None
+    ) -> bool:
+        """Stop watching ``model_dir`` (its lock child, if any, is stopped); was it watched?
+
+        ``forget``: awaited after, under the lock :meth:`add` takes too.
+        """
+        async with self._lock:
+            watch = self._dirs.pop(model_dir, None)
+            if watch is not None:
+                await watch.aclose()
+                await asyncio.to_thread(self._bridge.disarm, model_dir)
+            if forget is not None:
+                await forget()
+            return watch is not None
 
     async def aclose(self) -> None:
-        """Stop every watch, lock child and watchdog thread."""
-        watches, self._dirs = list(self._dirs.values()), {}
+        """Stop every watch, lock child and watchdog thread; later adds are refused."""
+        async with self._lock:
+            self._closed = True
+            watches, self._dirs = list(self._dirs.values()), {}
         await asyncio.gather(*(w.aclose() for w in watches))
+        if self._rearming:
+            await asyncio.wait(self._rearming)
         await asyncio.to_thread(self._bridge.close)
 
     def _on_change(self, model_dir: Path, relinked: bool) -> None:
@@ -326,10 +376,11 @@ class Watches:
         watch.notify("change")
         if relinked:
             task = asyncio.get_running_loop().create_task(self._rearm(model_dir))
-            task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
+            self._rearming.add(task)
+            task.add_done_callback(self._rearming.discard)
 
     async def _rearm(self, model_dir: Path) -> None:
         try:
             await asyncio.to_thread(self._bridge.arm, model_dir, again=True)
         except OSError as exc:
-            log.warning("watch %s: cannot watch requirements.txt's target: %s", model_dir, exc)
+            log.warning("watch %s: cannot watch it again: %s", model_dir, exc)

@@ -489,8 +489,14 @@ def _cmd_status(ns: argparse.Namespace) -> int:
 
 
 def _watching_daemon() -> Any:
-    from loader.client import find_daemon
+    from loader.client import DISABLED, SOCKET_ENV, find_daemon
 
+    if os.environ.get(SOCKET_ENV, "").lower() in DISABLED:
+        raise ModelConfigError(
+            f"watching model dirs needs the daemon, and --no-daemon (or {SOCKET_ENV}=off) "
+            "forbids asking one: drop --no-daemon, or unset or point "
+            f"{SOCKET_ENV} at the daemon's socket."
+        )
     client = find_daemon()
     if client is None:
         raise ModelConfigError(

@@ -509,9 +509,16 @@ def test_after_a_watched_change_the_next_load_is_warm(
     fetched = {name: watch.index.downloads(name) for name in names}
     counters = watch.daemon.client().status()["counters"]
 
+    views = StoreLayout(watch.daemon.store).views_dir
+    assert any(views.iterdir())  # the watch built the new lock's view
+    made = watch.daemon.client().status()["store"]["views"]
+
     monkeypatch.setenv("WHEELCAS_SOCKET", str(watch.daemon.socket_path))
     dirs = ready_package_dirs(watch.model, daemon=True, lease=False)
 
+    assert watch.daemon.client().status()["store"]["views"] == made  # found, not built
+    assert len(dirs) == 1
+    assert dirs[0].parent.parent == views, dirs  # the view
     assert {name: watch.index.downloads(name) for name in names} == fetched
     after = watch.daemon.client().status()["counters"]
     assert (after["downloads"], after["published"]) == (
@@ -561,6 +568,41 @@ def test_a_symlinked_requirements_file_is_followed(
     (shared / "b.txt").write_text("beta\n")  # the new target is watched now
     assert watch.wait_rounds(4)[-1]["kind"] == "relocked"
     assert watch.locked_names() == ["beta"]
+
+
+@pytest.mark.slow
+def test_concurrent_watch_requests_make_one_watch(
+    short_tmp: Path, tmp_path: Path, package_index: PackageIndex, wheels: dict[str, Path]
+) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "requirements.txt").write_text("alpha\n")
+    daemon = start_daemon(short_tmp, tmp_path / "store", settings=_settings(package_index, 0.25))
+    try:
+        start, errors = threading.Barrier(4), []
+
+        def ask() -> None:
+            start.wait()
+            try:
+                daemon.client().watch(model)
+            except Exception as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=ask) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        watch = Watched(daemon, model, package_index, 0.25)
+        (event,) = watch.wait_rounds(1, trigger="watch")
+        watch.quiet()
+        assert event["kind"] == "relocked", event
+        assert daemon.client().status()["counters"]["relocks"] == 1  # one DirWatch, one round
+        assert daemon.stop() == 0
+        assert "Task was destroyed" not in daemon.log()
+    finally:
+        daemon.kill()
 
 
 def _roots(store: Path) -> dict[str, tuple[str, ...]]:
