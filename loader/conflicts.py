@@ -11,6 +11,12 @@ The same listing serves a second check (see :mod:`loader.localpkgs`): two dirs o
 imported, so :func:`find_provider_clashes` reports such pairs instead of letting the later one
 be shadowed silently; :func:`distribution_owning` names the locked wheel behind an entry of a
 package dir (a tree of one wheel, or the daemon's view of many), for the message.
+
+Two *namespace portions* (PEP 420: dirs of one name without an ``__init__``) are not a clash:
+Python merges them into one package, each importable. So a provider's listing stays one
+``scandir``, and only a name that two providers give, and both as a dir, is looked at further
+(:func:`is_namespace_portion`); the locked dirs, large views of many wheels, are never
+``stat``-ed entry by entry.
 """
 
 from __future__ import annotations
@@ -25,6 +31,30 @@ from loader.errors import ModelConfigError
 
 _IGNORED_SUFFIXES = (".dist-info", ".data", ".egg-info")
 _EXTENSION_SUFFIXES = (".so", ".pyd")
+#: What makes a dir a regular package: ``__init__`` with one of these, or ``__init__.*.so``.
+_INIT_SUFFIXES = (".py", ".pyc", *_EXTENSION_SUFFIXES)
+
+
+def is_namespace_portion(directory: str) -> bool:
+    """Whether ``directory`` (a module's dir) is a PEP 420 namespace portion: it holds no
+    ``__init__.py``, ``__init__.pyc`` nor ``__init__[.TAG].so``/``.pyd``. One ``stat`` for the
+    usual ``__init__.py``; the dir is listed only when that is missing. An unreadable dir
+    counts as a regular package, so that a clash is reported rather than hidden."""
+    try:
+        os.stat(os.path.join(directory, "__init__.py"))  # noqa: PTH116, PTH118
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    else:
+        return False
+    try:
+        with os.scandir(directory) as entries:
+            return not any(
+                e.name.startswith("__init__.") and e.name.endswith(_INIT_SUFFIXES) for e in entries
+            )
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +68,8 @@ def module_entries(listing: Iterable[tuple[str, bool]]) -> dict[str, str]:
     """Each top-level module name a package dir provides, with the entry that provides it
     (a dir with a trailing ``/``: ``common/``, ``common.py``), from ``(name, is_dir)`` entries.
 
-    A dir (a regular or a namespace package), ``NAME.py``, ``NAME.so`` or ``NAME.*.so``
+    A dir (a regular or a namespace package: which one is decided only where two providers
+    meet, see :func:`find_provider_clashes`), ``NAME.py``, ``NAME.so`` or ``NAME.*.so``
     provide ``NAME``; ``*.dist-info``, ``*.data`` and ``__pycache__`` provide nothing. When
     two entries provide one name (``x/`` and ``x.py``), the first in sorted order is named.
     """
@@ -148,6 +179,8 @@ class Provider:
     how messages name the dir (the bundled dir relative to the model dir, so that the user
     recognizes ``packages/common/``) and ``label`` what the dir is. A locked dir that a
     ``.pth`` file added has ``pth_file``: the wheel that shipped that file is its provider.
+    ``entries_in``: the dir that holds the entries, when it is not ``path`` (an external dir
+    imported under its own name is an entry of its parent).
     """
 
     kind: ProviderKind
@@ -156,10 +189,20 @@ class Provider:
     label: str
     modules: Mapping[str, str] = field(default_factory=dict)
     pth_file: str | None = None
+    entries_in: str | None = None
 
     def entry(self, module: str) -> str:
         """``packages/common/``: the provider's dir as shown, and the module's entry in it."""
         return f"{self.shown.rstrip('/')}/{self.modules[module]}"
+
+    def is_namespace_portion(self, module: str) -> bool:
+        """Whether the provider gives ``module`` as a namespace portion (a dir without an
+        ``__init__``); touches the disk, so it is asked only for a name given twice."""
+        entry = self.modules[module]
+        if not entry.endswith("/"):
+            return False
+        base = self.path if self.entries_in is None else self.entries_in
+        return is_namespace_portion(os.path.join(base, entry.rstrip("/")))  # noqa: PTH118
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,11 +219,22 @@ def find_provider_clashes(providers: Sequence[Provider]) -> list[ProviderClash]:
 
     Two locked dirs are not a clash here: a lock entry's wheels are checked against each other
     by the store when it merges them (``cas_daemon.views``), and a ``.pth`` dir may well
-    repeat what its own wheel provides. A dir listed twice counts once.
+    repeat what its own wheel provides. A dir listed twice counts once. Two namespace
+    portions are not a clash either (Python merges them; ``docs/`` or ``data/`` in two repos
+    are such portions too); a regular package or a module against anything is. Whether a dir
+    is a portion is asked of the disk only here, for a name that two providers give.
     """
     clashes: list[ProviderClash] = []
     seen: dict[str, list[Provider]] = {}
     paths: set[str] = set()
+    portions: dict[tuple[str, str], bool] = {}
+
+    def portion(provider: Provider, module: str) -> bool:
+        key = (provider.path, module)
+        if key not in portions:
+            portions[key] = provider.is_namespace_portion(module)
+        return portions[key]
+
     for provider in providers:
         if provider.path in paths:
             continue
@@ -191,6 +245,7 @@ def find_provider_clashes(providers: Sequence[Provider]) -> list[ProviderClash]:
                 ProviderClash(module, first, provider)
                 for first in earlier
                 if not (first.kind == "locked" and provider.kind == "locked")
+                and not (portion(first, module) and portion(provider, module))
             )
             earlier.append(provider)
     return clashes

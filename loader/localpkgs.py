@@ -34,6 +34,7 @@ from loader.options import (
     KEEP_EXTERNAL_DIR_NAMES,
     LocalPackageOptions,
     RunnerOptions,
+    canonical_bundled_dir,
 )
 from loader.syspath import PackageDir
 
@@ -116,14 +117,8 @@ def _check_own_names(external: Sequence[Path]) -> None:
 
 
 def _bundled_dir(model_dir: Path, options: RunnerOptions | LocalPackageOptions) -> Path:
-    name = options.bundled_packages_dir
-    if Path(name).is_absolute() or ".." in Path(name).parts:
-        raise ModelConfigError(
-            f"runner option `{BUNDLED_PACKAGES_DIR}` is {name!r}: it must name a dir inside the "
-            "model dir (e.g. 'packages'). Dirs outside the model go in "
-            f"`{EXTERNAL_PACKAGE_DIRS}`."
-        )
-    return model_dir / name
+    # Parsed options are canonical already; options built directly are checked here too.
+    return model_dir / canonical_bundled_dir(options.bundled_packages_dir)
 
 
 # --- the link dir of keep_external_dir_names -----------------------------------------------
@@ -220,6 +215,7 @@ def local_providers(model_dir: Path, local: LocalPackageDirs) -> list[Provider]:
                     str(path.parent),
                     "external package dir, imported under its own name",
                     {path.name: path.name + "/"},
+                    entries_in=str(path.parent),
                 )
             )
         else:

@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 from loader.errors import ModelConfigError
 
@@ -79,13 +80,33 @@ def normalize_runner_opts(opts: Mapping[str, object] | None) -> dict[str, object
     return normalized
 
 
-def _local_package_options(opts: Mapping[str, object]) -> tuple[str, tuple[str, ...], bool]:
-    bundled = opts.get(BUNDLED_PACKAGES_DIR, DEFAULT_BUNDLED_PACKAGES_DIR)
-    if not isinstance(bundled, str) or not bundled.strip():
+def canonical_bundled_dir(value: object) -> str:
+    """``bundled_packages_dir`` as one canonical relative path (``./packages``,
+    ``packages/.`` and ``packages/`` are all ``packages``).
+
+    Normalised once here, so that everything after (the load's ``sys.path``, a gather's
+    destination paths and its digest) sees one spelling: the same dir spelt two ways would
+    otherwise give two digests, or collide with itself while a gather builds its output.
+    Refused: anything but a non-empty string, the model dir itself (``.``), an absolute path
+    and any ``..`` (dirs outside the model go in ``external_package_dirs``).
+    """
+    if not isinstance(value, str) or not value.strip():
         raise ModelConfigError(
-            f"runner option `{BUNDLED_PACKAGES_DIR}` must be a dir name inside the model dir, "
-            f"got {bundled!r}."
+            f"runner option `{BUNDLED_PACKAGES_DIR}` must be a dir name inside the model dir "
+            f"(e.g. 'packages'), got {value!r}."
         )
+    path = PurePosixPath(value)
+    if path.is_absolute() or ".." in path.parts or not path.parts or str(path) == ".":
+        raise ModelConfigError(
+            f"runner option `{BUNDLED_PACKAGES_DIR}` is {value!r}: it must name a dir inside "
+            "the model dir, other than the model dir itself (e.g. 'packages'). Dirs outside "
+            f"the model go in `{EXTERNAL_PACKAGE_DIRS}`."
+        )
+    return str(path)
+
+
+def _local_package_options(opts: Mapping[str, object]) -> tuple[str, tuple[str, ...], bool]:
+    bundled = canonical_bundled_dir(opts.get(BUNDLED_PACKAGES_DIR, DEFAULT_BUNDLED_PACKAGES_DIR))
     raw = opts.get(EXTERNAL_PACKAGE_DIRS, "")
     if not isinstance(raw, str):
         raise ModelConfigError(

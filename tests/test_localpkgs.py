@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from loader import embedded, load_unpacked
+from loader import conflicts, embedded, load_unpacked
 from loader.conflicts import (
     Provider,
     ProviderClash,
@@ -43,7 +43,7 @@ from loader.worker import IsolatedModel
 from tests.daemon_support import Daemon, running_daemon
 from tests.support.index import PackageIndex
 from tests.support.wheels import build_wheel
-from tests.test_load import OPTS, load_and_infer, make_model, run_cli
+from tests.test_load import OPTS, load_and_infer, make_model, run_cli, run_python
 
 # --- helpers -------------------------------------------------------------------------------
 
@@ -561,3 +561,72 @@ def test_through_a_daemons_view_the_clash_names_the_wheel(
     result = load_and_infer(model, OPTS)
     assert result["entries"][1] == str(model / "packages")
     assert "/views/" in result["entries"][2]
+
+
+# --- namespace packages (PEP 420) ------------------------------------------------------------
+
+
+def test_namespace_portions_merge_and_are_no_clash(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    write(model / "packages" / "jaraco" / "mine.py", "MINE = 1\n")  # no __init__.py
+    write(model / "packages" / "docs" / "index.md")  # not code: a portion too
+    external = tmp_path / "ext"
+    write(external / "docs" / "other.md")
+    site = fake_tree(tmp_path / "site", "jaraco.text", "1.0", {"jaraco/text.py": "TEXT = 2\n"})
+    local = local_package_dirs(model, options(external_package_dirs="../ext"))
+    plan = embedded.plan_for(model, [site], local)  # the load's check: no clash
+    done = run_python(
+        f"import sys; sys.path[:0] = {list(plan.entries)!r}\n"
+        "import jaraco.mine, jaraco.text; print(jaraco.mine.MINE, jaraco.text.TEXT)"
+    )
+    assert done.stdout.split() == ["1", "2"], done.stderr
+
+
+@pytest.mark.parametrize("init", ["__init__.py", "__init__.cpython-312-x86_64-linux-gnu.so"])
+def test_a_regular_package_against_a_namespace_portion_is_a_clash(
+    tmp_path: Path, init: str
+) -> None:
+    model = tmp_path / "model"
+    write(model / "packages" / "jaraco" / init)
+    site = fake_tree(tmp_path / "site", "jaraco.text", "1.0", {"jaraco/text.py": ""})
+    local = local_package_dirs(model, options())
+    with pytest.raises(ModelConfigError, match=r"`jaraco`: packages/jaraco/ \(bundled"):
+        embedded.plan_for(model, [site], local)
+    # and a module against a portion: the module would win over the earlier portion
+    (model / "packages" / "jaraco" / init).unlink()
+    (model / "packages" / "jaraco").rmdir()
+    write(model / "packages" / "jaraco.py")
+    with pytest.raises(ModelConfigError, match=r"`jaraco`: packages/jaraco.py"):
+        embedded.plan_for(model, [site], local)
+
+
+def test_locked_entries_are_not_statted_unless_a_local_dir_gives_the_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tmp_path / "model"
+    write(model / "packages" / "jaraco" / "mine.py")
+    files = {f"dep{i}/__init__.py": "" for i in range(20)} | {"jaraco/text.py": ""}
+    site = fake_tree(tmp_path / "site", "many", "1.0", files)
+    looked_at: list[str] = []
+    real = conflicts.is_namespace_portion
+
+    def counted(directory: str) -> bool:
+        looked_at.append(directory)
+        return real(directory)
+
+    monkeypatch.setattr(conflicts, "is_namespace_portion", counted)
+    check_local_clashes(model, local_package_dirs(model, options()), [PackageDir(str(site))])
+    assert sorted(looked_at) == [str(model / "packages" / "jaraco"), str(site / "jaraco")]
+
+
+def test_keep_names_dirs_that_are_both_namespace_portions_merge(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    common = tmp_path / "libs" / "jaraco"
+    write(common / "mine.py")
+    site = fake_tree(tmp_path / "site", "jaraco.text", "1.0", {"jaraco/text.py": ""})
+    local = LocalPackageDirs(model / "packages", (common,), True)
+    check_local_clashes(model, local, [PackageDir(str(site))])
+    write(common / "__init__.py")
+    with pytest.raises(ModelConfigError, match=r"imported under its own name\) and the locked"):
+        check_local_clashes(model, local, [PackageDir(str(site))])

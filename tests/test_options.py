@@ -11,6 +11,7 @@ from loader.options import (
     normalize_runner_opts,
     parse_cli_option,
     parse_cli_value,
+    parse_local_package_opts,
     parse_runner_opts,
 )
 
@@ -98,3 +99,28 @@ def test_bad_local_package_options(extra: dict[str, object], complaint: str) -> 
     with pytest.raises(ModelConfigError) as raised:
         parse_runner_opts({"entrypoint_package": "m", "entrypoint_fn": "f", **extra})
     assert complaint in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("given", "canonical"),
+    [
+        ("packages", "packages"),
+        ("./packages", "packages"),
+        ("packages/.", "packages"),
+        ("packages/", "packages"),
+        ("vendor//libs/./x", "vendor/libs/x"),
+    ],
+)
+def test_the_bundled_dir_is_one_canonical_spelling(given: str, canonical: str) -> None:
+    base = {"entrypoint_package": "m", "entrypoint_fn": "f"}
+    assert parse_runner_opts({**base, "bundled_packages_dir": given}).bundled_packages_dir == (
+        canonical
+    )
+    local = parse_local_package_opts({"bundled_packages_dir": given})
+    assert local.bundled_packages_dir == canonical
+
+
+@pytest.mark.parametrize("given", [".", "./", "", "  ", "/abs/packages", "../x", "a/../b", 3])
+def test_a_bundled_dir_that_is_not_inside_the_model_dir_is_refused(given: object) -> None:
+    with pytest.raises(ModelConfigError, match="bundled_packages_dir"):
+        parse_local_package_opts({"bundled_packages_dir": given})
