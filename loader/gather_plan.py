@@ -330,7 +330,9 @@ def gather_options(
     for key, value in normalized.items():
         if key in (EXTERNAL_PACKAGE_DIRS, KEEP_EXTERNAL_DIR_NAMES):
             continue
-        if isinstance(value, bool | int | float | str):  # checked by parse_runner_opts
+        if key == BUNDLED_PACKAGES_DIR:  # its one canonical spelling, as the plan has it
+            kept[key] = options.bundled_packages_dir
+        elif isinstance(value, bool | int | float | str):  # checked by parse_runner_opts
             kept[key] = value
     keep = options.keep_external_dir_names if keep_dir_names is None else keep_dir_names
     return GatherOptions(

@@ -38,6 +38,19 @@ log = logging.getLogger("wheelcas.gather")
 #: Leftover staging dirs in ``tmp/`` older than this belong to killed processes.
 STALE_TMP_S = 24 * 3600
 
+#: The mtime of every pool object: 2000-01-01T00:00:00Z (as the Nix store gives its files one
+#: fixed mtime). Outputs and cached trees are hard links to the objects, and mode 0444 stops
+#: neither root nor an editor that writes in place; but any write moves the mtime, so an
+#: object whose mtime is not this one has been edited through a link, which the pool sees
+#: from a ``stat`` alone (:meth:`Pool.has`). Not before 1980: a zip (a ``.carton``) cannot
+#: store earlier times. Packing is unaffected (it writes one fixed timestamp, whatever the
+#: files'), and so is the stat cache (it keys on ctime too, which a link or edit moves).
+POOL_MTIME_NS = 946_684_800 * 1_000_000_000
+
+#: Tries of an ingest whose temp file vanished before its rename (a concurrent cleanup of
+#: ``tmp/`` took it for a stale leftover: it already had the old pool mtime).
+_INGEST_TRIES = 3
+
 
 def path_key(text: str) -> str:
     """A fixed-length file name for a path (stat caches and locks are kept per path)."""
@@ -54,20 +67,55 @@ class Pool:
     def __init__(self, home: Path) -> None:
         self.objects = home / "objects"
         self.tmp = home / "tmp"
+        #: Objects found edited and already warned about (a gather may check one twice).
+        self._warned: set[Path] = set()
 
     def path(self, digest: str, executable: bool) -> Path:
         return self.objects / digest[:2] / (digest + (".x" if executable else ""))
 
     def has(self, digest: str, executable: bool, size: int) -> bool:
+        """Whether the pool holds this object, intact: its size, and the pool's mtime
+        (:data:`POOL_MTIME_NS`), which any write in place moves. An object edited through an
+        output's link is reported (a warning) and counts as missing, so that the caller
+        copies it again from its source, without the pool reading a byte of it."""
+        obj = self.path(digest, executable)
         try:
-            st = self.path(digest, executable).lstat()
+            st = obj.lstat()
         except FileNotFoundError:
             return False
-        return stat.S_ISREG(st.st_mode) and st.st_size == size
+        if stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (size, POOL_MTIME_NS):
+            return True
+        if obj in self._warned:
+            return False
+        self._warned.add(obj)
+        log.warning(
+            "the gather pool's %s was changed in place (through a gather output or cached "
+            "tree, which are hard links to it): copying it again from its source. Gathered "
+            "files are shared and read-only; gather again instead of editing them",
+            obj,
+        )
+        return False
 
     def ingest(self, source: str, before: os.stat_result, expected: str | None = None) -> str:
         """Copy ``source`` into the pool, hashing in the same pass; its digest. The file
-        must not change meanwhile (``before`` is its stat when it was planned)."""
+        must not change meanwhile (``before`` is its stat when it was planned).
+
+        An object already there is kept only while :meth:`has` finds it intact (the pool's
+        mtime): the trees and outputs linking it go on sharing its inode, and `wheelcas gc`
+        frees it once none of them is left. One edited in place through a link is replaced
+        by the verified copy, so the edit never reaches a later gather of this content
+        (trees and outputs linking the edited inode keep it)."""
+        for _ in range(_INGEST_TRIES):
+            found = self._ingest_once(source, before, expected)
+            if found is not None:
+                return found
+        raise ModelConfigError(
+            f"could not copy {source} into the gather pool {self.objects}: its temp file in "
+            f"{self.tmp} kept being removed by a concurrent cleanup; run the command again."
+        )
+
+    def _ingest_once(self, source: str, before: os.stat_result, expected: str | None) -> str | None:
+        """:meth:`ingest`; None when the temp file vanished before its rename."""
         executable = bool(before.st_mode & 0o111)
         self.tmp.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix="object.", dir=self.tmp)
@@ -85,13 +133,17 @@ class Pool:
                     "once nothing writes to it."
                 )
             if self.has(found, executable, before.st_size):
-                # Keep the object there: the trees and outputs linking it share its inode,
-                # so that `wheelcas gc` frees it once none of them is left.
                 return found
             tmp.chmod(0o555 if executable else 0o444)
+            os.utime(tmp, ns=(POOL_MTIME_NS, POOL_MTIME_NS))
             final = self.path(found, executable)
             final.parent.mkdir(parents=True, exist_ok=True)
-            tmp.replace(final)  # an equal twin from a concurrent gather is fine to replace
+            try:
+                tmp.replace(final)  # over an equal twin, or over an object edited in place
+            except FileNotFoundError:
+                if tmp.exists():
+                    raise
+                return None
             return found
         finally:
             tmp.unlink(missing_ok=True)
@@ -117,6 +169,7 @@ class Pool:
             # Another filesystem, too many links to one inode, or no hard links there.
             shutil.copyfile(obj, target)
             target.chmod(0o555 if entry.executable else 0o444)
+            os.utime(target, ns=(POOL_MTIME_NS, POOL_MTIME_NS))  # like a link: edits show
             return ingested, True
         return ingested, False
 
@@ -154,7 +207,8 @@ def build(plan: Plan, staging: Path, pool: Pool) -> int:
 
 
 def _intact(output: Path, plan: Plan) -> bool:
-    """Whether ``output`` still holds every planned file and link (``lstat`` only)."""
+    """Whether ``output`` still holds every planned file and link, unedited (``lstat``
+    only: a file written in place has lost the pool's mtime)."""
     for path, entry in plan.entries.items():
         try:
             st = (output / path).lstat()
@@ -163,16 +217,31 @@ def _intact(output: Path, plan: Plan) -> bool:
         if isinstance(entry, LinkEntry):
             if not stat.S_ISLNK(st.st_mode) or str((output / path).readlink()) != entry.target:
                 return False
-        elif not stat.S_ISREG(st.st_mode) or (st.st_size, bool(st.st_mode & 0o111)) != (
-            entry.size,
-            entry.executable,
-        ):
+        elif not stat.S_ISREG(st.st_mode) or (
+            st.st_size,
+            bool(st.st_mode & 0o111),
+            st.st_mtime_ns,
+        ) != (entry.size, entry.executable, POOL_MTIME_NS):
             return False
     return True
 
 
 def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _open_up(staging: Path) -> None:
+    """Give ``staging`` (made 0700 by ``mkdtemp``) the mode a plain ``mkdir`` would give it
+    here, ``0o777`` less the umask (and default ACLs), as for its subdirs: a gathered dir is
+    for others to read as much as its source. The umask is read by making a probe dir, not
+    by ``os.umask``, whose set-and-restore would race with other threads making files."""
+    probe = staging / ".umask-probe"
+    probe.mkdir(0o777)
+    try:
+        mode = stat.S_IMODE(probe.stat().st_mode)
+    finally:
+        probe.rmdir()
+    staging.chmod(mode)
 
 
 @contextlib.contextmanager
@@ -293,6 +362,7 @@ def publish_output(plan: Plan, output: Path, pool: Pool, home: Path) -> tuple[bo
         staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(output), dir=output.parent))
         try:
             copied = build(plan, staging, pool)
+            _open_up(staging)
             if output.exists() and any(output.iterdir()):
                 _swap_in(staging, output)
             else:
@@ -320,6 +390,7 @@ def publish_cached(plan: Plan, pool: Pool, home: Path) -> tuple[Path, bool, int]
         staging = Path(tempfile.mkdtemp(prefix=f"tree-{plan.digest[:16]}.", dir=pool.tmp))
         try:
             copied = build(plan, staging, pool)  # the marker, written last, dates its use
+            _open_up(staging)
             final.parent.mkdir(parents=True, exist_ok=True)
             try:
                 staging.rename(final)
@@ -335,13 +406,15 @@ def publish_cached(plan: Plan, pool: Pool, home: Path) -> tuple[Path, bool, int]
 
 def remove_stale(tmp: Path) -> None:
     """Remove what killed gathers left in the pool's ``tmp/`` (nothing stays there for a day
-    while in use: objects and trees are renamed out of it when complete)."""
+    while in use: objects and trees are renamed out of it when complete). Its age is the
+    later of mtime and ctime: an object about to be renamed already has the old pool mtime."""
     if not tmp.is_dir():
         return
     cutoff = time.time() - STALE_TMP_S
     for leftover in tmp.iterdir():
         with contextlib.suppress(OSError):
-            if leftover.lstat().st_mtime < cutoff:
+            st = leftover.lstat()
+            if max(st.st_mtime, st.st_ctime) < cutoff:
                 if leftover.is_dir() and not leftover.is_symlink():
                     _rmtree(leftover)
                 else:

@@ -57,7 +57,13 @@ from loader.manifest import (
     parse_tensor_index,
     validate,
 )
-from loader.options import OptionInput, OptionValue, normalize_runner_opts, parse_runner_opts
+from loader.options import (
+    EXTERNAL_PACKAGE_DIRS,
+    OptionInput,
+    OptionValue,
+    normalize_runner_opts,
+    parse_runner_opts,
+)
 from loader.packed import METHOD_STORED, MemberSource, ZipReader, ZipWriter
 from lockgen.errors import WheelcasError
 
@@ -627,6 +633,25 @@ def _require_lock_entry(
     )
 
 
+def check_self_contained(packed_opts: Mapping[str, object], source: str) -> None:
+    """Refuse a packed model whose ``carton.toml`` names ``external_package_dirs``.
+
+    A packed model is whole: its MANIFEST lists every file it may run, and ``wheelcas pack``
+    gathers a scattered model first and drops the option. One that still names such dirs (made
+    by hand, or by an older wheelcas) would import whatever the host has at those paths, code
+    that no MANIFEST checks. (An ``override_runner_opts`` given to the load is the caller's
+    own choice, and is not refused.)"""
+    dirs = packed_opts.get(EXTERNAL_PACKAGE_DIRS)
+    if dirs in (None, "", [], ()):
+        return
+    raise ModelConfigError(
+        f"the packed model {source} names dirs outside itself in its runner option "
+        f"`{EXTERNAL_PACKAGE_DIRS}` ({dirs!r}): their code is not in the packed model, so it "
+        "is not loaded. Gather the model and pack it again (`wheelcas pack DIR` gathers a "
+        "scattered model; `wheelcas gather DIR -o OUT` makes a self-contained copy)."
+    )
+
+
 def describe_environment(markers: Mapping[str, str]) -> str:
     return (
         f"Python {markers.get('python_version', '?')} on {markers.get('sys_platform', '?')}"
@@ -683,6 +708,7 @@ def load(
         root = unpack_into_store(path_or_url, layout=layout)
     manifest = parse_carton_toml((root / CARTON_TOML).read_text(encoding="utf-8"))
     runner = manifest.runner
+    check_self_contained(runner.opts, source)
     code_dir = root / "model"
     framework = override_required_framework_version or runner.required_framework_version
     isolated = bool(load_unpacked_options.get("isolated", True))

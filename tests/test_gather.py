@@ -581,3 +581,90 @@ def test_gather_is_exported_lazily() -> None:
         """
     )
     assert done.stdout.split() == ["False", "False"]
+
+
+# --- review fixes: pool integrity, spelling of the bundled dir, modes ----------------------
+
+
+def _edit_in_place(path: Path, text: str) -> None:
+    """What root, or an editor that writes in place, does to a read-only output file."""
+    path.chmod(0o644)
+    with path.open("r+") as handle:  # the same inode: the pool object it links to
+        handle.truncate(0)
+        handle.write(text)
+
+
+def test_an_output_edited_in_place_never_reaches_another_gather(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _write(tmp_path / "m1", {"pkg/__init__.py": ""})
+    _write(tmp_path / "ext" / "big", {"m7.py": "X=7\n"})
+    _write(tmp_path / "m2", {"pkg/__init__.py": "", "packages/big/m7.py": "X=7\n"})
+    out = gather(tmp_path / "m1", tmp_path / "out", runner_opts=_opts("../ext")).path
+    edited = out / "packages" / "big" / "m7.py"
+    pool_object = next(
+        p for p in (gather_home() / "objects").rglob("*") if _inode(p) == _inode(edited)
+    )
+    assert pool_object.stat().st_mtime_ns == gather_pool.POOL_MTIME_NS
+    assert edited.stat().st_mtime_ns == gather_pool.POOL_MTIME_NS  # outputs show it too
+    _edit_in_place(edited, "X=8\n")
+    assert pool_object.read_text() == "X=8\n"  # a hard link: the pool object is edited too
+
+    with caplog.at_level(logging.WARNING, logger="wheelcas.gather"):
+        # A new model of that content (read, not in the stat cache) ...
+        other = gather(tmp_path / "m2", tmp_path / "out2")
+        assert (other.path / "packages/big/m7.py").read_text() == "X=7\n"
+        # ... and the same model again (its digests from the stat cache, nothing read).
+        cached = gather(tmp_path / "m1", runner_opts=_opts("../ext"))
+        assert (cached.path / "packages/big/m7.py").read_text() == "X=7\n"
+    assert "was changed in place" in caplog.text
+    assert edited.read_text() == "X=8\n"  # the edited output keeps its edit ...
+    again = gather(tmp_path / "m1", tmp_path / "out", runner_opts=_opts("../ext"))
+    assert not again.reused  # ... until it is gathered again: the edit moved its mtime
+    assert (out / "packages/big/m7.py").read_text() == "X=7\n"
+
+
+def test_a_gathered_dir_with_the_pool_mtime_packs(tmp_path: Path) -> None:
+    """Zip cannot store times before 1980; the pool's mtime is after, and packing writes a
+    fixed timestamp anyway."""
+    _write(tmp_path / "m1", {"pkg/__init__.py": "", "pkg/a.py": "A = 1\n"})
+    out = gather(tmp_path / "m1", tmp_path / "out").path
+    rels = [rel for rel, _ in model_files(out)]
+    assert "pkg/a.py" in rels
+    from loader.packed import MemberSource, ZipReader, write_zip
+
+    with (tmp_path / "x.zip").open("w+b") as handle:
+        write_zip(handle, [MemberSource("a.py", path=out / "pkg" / "a.py")])
+    with ZipReader(tmp_path / "x.zip") as reader:
+        assert b"".join(reader.iter_member("a.py")) == b"A = 1\n"
+
+
+def test_the_bundled_dir_spelling_does_not_change_the_gather(
+    scattered: Path, tmp_path: Path
+) -> None:
+    plain = gather(scattered, tmp_path / "a", runner_opts=_opts("../common"))
+    for spelling in ("./packages", "packages/.", "packages/"):
+        other = gather(
+            scattered,
+            tmp_path / "b",
+            runner_opts=_opts("../common", bundled_packages_dir=spelling),
+        )
+        assert other.digest == plain.digest, spelling
+        assert dict(other.runner_opts) == {"bundled_packages_dir": "packages"}
+    with pytest.raises(ModelConfigError, match="other than the model dir itself"):
+        gather(scattered, tmp_path / "c", runner_opts=_opts("../common", bundled_packages_dir="."))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_and_cached_trees_get_the_umasks_mode(
+    scattered: Path, tmp_path: Path, umask: int
+) -> None:
+    old = os.umask(umask)
+    try:
+        out = gather(scattered, tmp_path / "out", runner_opts=_opts("../common")).path
+        tree = gather(scattered, runner_opts=_opts("../common")).path
+    finally:
+        os.umask(old)
+    for made in (out, tree, out / "packages"):
+        assert made.stat().st_mode & 0o777 == 0o777 & ~umask, made
+    assert not (out / ".umask-probe").exists()

@@ -509,3 +509,32 @@ def test_packing_a_scattered_model_into_its_own_dir_leaves_the_older_carton_out(
     assert {"model/packages/shared_util.py", "model/pkg/entry.py"} <= names
     assert not [n for n in names if n.endswith(".carton")]
     assert not [n for n in names if n.endswith(".packing")]
+
+
+def test_a_packed_model_naming_external_dirs_is_refused_at_load(tmp_path: Path) -> None:
+    """A hand-made (or old) carton whose options still name dirs outside it: loading it
+    would import host code that its MANIFEST does not cover."""
+    from loader.manifest import CartonManifest, RunnerInfo, dump_carton_toml
+    from loader.packing import _write_carton, load
+
+    host = tmp_path / "host_dir"
+    host.mkdir()
+    (host / "evil.py").write_text("X = 1\n")
+    opts = {**cast("dict[str, OptionValue]", OPTS), "external_package_dirs": str(host)}
+    toml = dump_carton_toml(
+        CartonManifest(
+            runner=RunnerInfo(runner_name="python", required_framework_version=">=3.8", opts=opts)
+        )
+    )
+    members = [
+        MemberSource("carton.toml", toml.encode()),
+        MemberSource("model/pkg/__init__.py", b""),
+        MemberSource("model/pkg/entry.py", b"def get_model():\n    return None\n"),
+        MemberSource("model/requirements.txt", b""),
+    ]
+    carton = tmp_path / "hand.carton"
+    _write_carton(carton, sorted(members, key=lambda m: m.name.encode()))
+    with pytest.raises(ModelConfigError, match=r"names dirs outside itself") as raised:
+        load(carton)
+    assert "wheelcas pack DIR" in str(raised.value)
+    assert str(host) in str(raised.value)
