@@ -225,9 +225,11 @@ def _watched(session: Session) -> _Watched:
     daemon = start_daemon(store, watch=WatchSettings(settle=SETTLE_S, pip_args=pip_args))
     session.on_close(lambda: _stop(daemon))
     _watch_first(daemon, model_dir, texts[0], session.mirror.pins)
+    wc.wait_for_deferred_bytecode(daemon.socket_path)  # no sample shares the CPU with it
     watched = _Watched(daemon, model_dir, texts)
     session.resources["watched"] = watched
     session.notes["watch_relock:fetch"] = _fetch_note(session, daemon)
+    wc.wait_for_deferred_bytecode(daemon.socket_path)
     return watched
 
 

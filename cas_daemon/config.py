@@ -61,6 +61,7 @@ class DaemonConfig:
     socket_mode: int = 0o660
     socket_group: str | None = None
     store_dir: Path
+    defer_test_bytecode: bool = True
     max_parallel_downloads: int = 8
     allowed_hosts: tuple[str, ...] = DEFAULT_ALLOWED_HOSTS
     interpreters: tuple[Path, ...] = ()
@@ -230,6 +231,7 @@ SETTINGS: dict[tuple[str, str], tuple[str, Any]] = {
     ("socket", "mode"): ("socket_mode", parse_mode),
     ("socket", "group"): ("socket_group", _text),
     ("store", "dir"): ("store_dir", lambda v: Path(_text(v)).expanduser()),
+    ("store", "defer_test_bytecode"): ("defer_test_bytecode", _boolean),
     ("fetch", "max_parallel_downloads"): ("max_parallel_downloads", _positive_int),
     ("fetch", "allowed_hosts"): ("allowed_hosts", _hosts),
     ("python", "interpreters"): ("interpreters", _paths),

@@ -10,6 +10,8 @@ entries safely instead of misreading them::
                                     compressed bundle's own: see bundle_keys.py)
           site/                     the importable root: what goes on sys.path
           pyc-cpython-311           marker: site/ holds .pyc for that interpreter's cache tag
+          deferred-cpython-311      marker: its test dirs' .pyc are still to be compiled (a
+                                    store that defers them; removed once they are)
       locks/ab/abcdef....lock       flock files, one per sha256, never deleted while in use
       tmp/                          staging space on the same filesystem, for atomic renames
 
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LAYOUT_VERSION = "v1"
+DEFERRED_PREFIX = "deferred-"
 STORE_ENV_VAR = "WHEELCAS_HOME"
 
 
@@ -73,6 +76,10 @@ class StoreLayout:
 
     def pyc_marker(self, sha256: str, cache_tag: str) -> Path:
         return self.tree_dir(sha256) / f"pyc-{cache_tag}"
+
+    def deferred_marker(self, sha256: str, cache_tag: str) -> Path:
+        """Present while the tree's test dirs wait for their ``cache_tag`` bytecode."""
+        return self.tree_dir(sha256) / f"{DEFERRED_PREFIX}{cache_tag}"
 
     def lock_path(self, sha256: str) -> Path:
         return self.locks_dir / sha256[:2] / f"{sha256}.lock"

@@ -58,7 +58,9 @@ class Meter:
             metrics.cache_hits += 1
 
 
-def render_metrics(m: Metrics, stats: StoreStats, leases: int, views: int) -> str:
+def render_metrics(
+    m: Metrics, stats: StoreStats, leases: int, views: int, deferred_trees: int = 0
+) -> str:
     """Prometheus text exposition format (version 0.0.4) of the counters and the gauges."""
     families: list[tuple[str, str, str, list[tuple[str, int]]]] = [
         ("wheelcas_resolves_total", "counter", "Resolve requests served.", [("", m.resolves)]),
@@ -95,6 +97,12 @@ def render_metrics(m: Metrics, stats: StoreStats, leases: int, views: int) -> st
         ("wheelcas_store_trees", "gauge", "Published trees.", [("", stats.trees)]),
         ("wheelcas_store_views", "gauge", "Built views.", [("", views)]),
         ("wheelcas_leases", "gauge", "Leases of live processes.", [("", leases)]),
+        (
+            "wheelcas_deferred_bytecode_trees",
+            "gauge",
+            "Published trees whose test dirs still wait for bytecode.",
+            [("", deferred_trees)],
+        ),
     ]
     lines = []
     for name, kind, help_text, samples in families:

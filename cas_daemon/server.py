@@ -287,7 +287,13 @@ async def get_watch(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     stats, leases = await service.store_stats(), await service.live_leases()
-    text = render_metrics(service.metrics, stats, leases, service.count_views())
+    text = render_metrics(
+        service.metrics,
+        stats,
+        leases,
+        service.count_views(),
+        deferred_trees=service.deferred.stats().pending,
+    )
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 
@@ -323,7 +329,9 @@ async def serve(
     """
     loop = asyncio.get_running_loop()
     store = Store(
-        StoreLayout(config.store_dir), max_parallel_downloads=config.max_parallel_downloads
+        StoreLayout(config.store_dir),
+        max_parallel_downloads=config.max_parallel_downloads,
+        defer_test_bytecode=config.defer_test_bytecode,
     )
     service = await Service.open(config, store)
     app = make_app(service)
@@ -339,6 +347,7 @@ async def serve(
     background: list[asyncio.Task[None]] = []
     try:
         await service.start_watching()  # before serving: a watch request finds them ready
+        await service.deferred.start()
         await web.SockSite(runner, sock).start()
         if notifier.watchdog_interval is not None:
             background.append(loop.create_task(_watchdog(notifier, notifier.watchdog_interval)))

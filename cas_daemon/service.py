@@ -37,6 +37,7 @@ from typing import Any
 
 from cas_daemon import views
 from cas_daemon.config import DaemonConfig, KnownInterpreters
+from cas_daemon.deferred import DeferredBytecode
 from cas_daemon.diskscan import measure_tree
 from cas_daemon.errors import StoreError
 from cas_daemon.leases import process_start_time
@@ -103,6 +104,7 @@ class Service:
         self._stats: tuple[float, StoreStats] | None = None
         self._conflicts: dict[str, WheelcasError] = {}
         self.watches: Watches | None = None
+        self.deferred = DeferredBytecode(store)
 
     @classmethod
     async def open(cls, config: DaemonConfig, store: Store) -> Service:
@@ -120,6 +122,7 @@ class Service:
 
     async def aclose(self) -> None:
         await self.stop_watching()
+        await self.deferred.aclose()
         if self.metadata is not None:
             await asyncio.to_thread(self.metadata.close)
 
@@ -180,6 +183,7 @@ class Service:
                     plan.refs, python=plan.python, progress=self._listener(on_event, readied)
                 )
                 await self._record_published(readied, tag)
+                self.deferred.note_published(shas, tag)
             await self.uploads.forget_used(plan.refs)
             site, view_error = (None, None) if key is None else await self._view(plan, key)
             await self._record_use(shas, key if site is not None else None)
@@ -347,6 +351,7 @@ class Service:
                 "index": None if self.metadata is None else str(self.metadata.path),
             },
             "leases": await self.live_leases(),
+            "deferred_bytecode": self.deferred.stats().as_dict(),
             "watched": []
             if self.watches is None
             else [w.state(events=False) for w in self.watches],

@@ -132,6 +132,11 @@ class Store:
     :class:`cas_daemon.precompile.CompilerPools`), started on first use and kept for later
     calls. :meth:`close` / :meth:`aclose` (or ``with`` / ``async with``) stops them; a store
     that is garbage collected, or still open at interpreter exit, stops them then.
+
+    ``defer_test_bytecode``: a tree is ready once every module outside its test dirs has
+    bytecode; the test dirs get theirs from :meth:`acomplete_deferred`, which a long-running
+    owner (the daemon) calls when it is idle. Off by default: an embedded store has nobody to
+    finish the job. See "Deferred bytecode" in docs/design.md.
     """
 
     def __init__(
@@ -140,10 +145,12 @@ class Store:
         *,
         max_parallel_downloads: int = 8,
         limits: UnpackLimits | None = None,
+        defer_test_bytecode: bool = False,
     ) -> None:
         if max_parallel_downloads < 1:
             raise ValueError("max_parallel_downloads must be at least 1")
         self.layout = layout
+        self.defer_test_bytecode = defer_test_bytecode
         self.max_parallel_downloads = max_parallel_downloads
         self._limits = limits  # None: unpack's defaults, imported only when unpacking
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
@@ -301,6 +308,56 @@ class Store:
                         flight.listeners.remove(progress)
         return [self.layout.site_dir(ref.sha256) for ref in refs]
 
+    def busy(self) -> bool:
+        """Whether a wheel is being made ready in this process now (on any event loop)."""
+        return any(state.flights for state in list(self._states.values()))
+
+    def deferred_trees(self) -> list[tuple[Sha256, str]]:
+        """``(sha256, cache_tag)`` of every tree whose test dirs still wait for bytecode."""
+        from cas_daemon.layout import DEFERRED_PREFIX
+
+        found: list[tuple[Sha256, str]] = []
+        for marker in self.layout.trees_dir.glob(f"??/*/{DEFERRED_PREFIX}*"):
+            found.append((Sha256(marker.parent.name), marker.name.removeprefix(DEFERRED_PREFIX)))
+        return sorted(found)
+
+    async def acomplete_deferred(self, sha: str, cache_tag: str) -> int | None:
+        """Compile the deferred test dirs of tree ``sha`` for ``cache_tag``; how many modules
+        (None: nothing was deferred there, or the tree is gone).
+
+        With the interpreter that published the tree (named in the marker, written by this
+        store). Under the tree's lock, so it never races a publish, a GC or an fsck; the
+        marker goes last, so a process killed half-way leaves it for the next start-up.
+        """
+        marker = self.layout.deferred_marker(sha, cache_tag)
+        if not marker.exists():
+            return None
+        async with _exclusive(self.layout.lock_path(sha)):
+            return await _locked_step(self._complete_deferred, sha, cache_tag)
+
+    def _complete_deferred(self, sha: str, cache_tag: str) -> int | None:
+        from cas_daemon.precompile import complete_deferred, interpreter_cache_tag
+
+        marker = self.layout.deferred_marker(sha, cache_tag)
+        site = self.layout.site_dir(sha)
+        try:
+            python = marker.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None  # completed, or the tree removed, while this waited for the lock
+        if not site.is_dir() or not self.layout.pyc_marker(sha, cache_tag).exists():
+            marker.unlink(missing_ok=True)
+            return None
+        if interpreter_cache_tag(python) != cache_tag:
+            raise StoreError(
+                f"the deferred bytecode of {site} was for {cache_tag}, but {python} (which "
+                "published it) now has another cache tag: its test modules stay uncompiled. "
+                f"Remove {marker} to stop retrying."
+            )
+        count = complete_deferred(site, python, pools=self._compile_pools(), display_dir=site)
+        self._dedupe(sha)
+        marker.unlink()
+        return count
+
     def stats(self) -> StoreStats:
         blobs, blob_bytes = _count_files(self.layout.blobs_dir)
         trees_dir = self.layout.trees_dir
@@ -355,7 +412,14 @@ class Store:
                 emit("start")
                 site = self.layout.site_dir(sha)
                 pools = self._compile_pools()
-                await _locked_step(compile_published, site, python, marker, pools=pools)
+                deferred = (
+                    self.layout.deferred_marker(sha, cache_tag)
+                    if self.defer_test_bytecode
+                    else None
+                )
+                await _locked_step(
+                    compile_published, site, python, marker, pools=pools, deferred_marker=deferred
+                )
                 await _locked_step(self._dedupe, sha)  # the new .pyc may match other trees'
                 emit("ready")
             else:  # another process published it while this one waited for the lock
@@ -407,9 +471,15 @@ class Store:
             shown = str(ref.bundle_path) if ref.url is None else strip_credentials(ref.url)
             site = staging / "site"
             unpack_wheel(source, site, limits=limits, verify_record=bundled, display_name=shown)
-            compile_tree(
-                site, python, display_dir=layout.site_dir(ref.sha256), pools=self._compile_pools()
+            deferred = compile_tree(
+                site,
+                python,
+                display_dir=layout.site_dir(ref.sha256),
+                pools=self._compile_pools(),
+                defer=self.defer_test_bytecode,
             )
+            if deferred:  # before the ready marker: both are in the tree when it appears
+                write_marker(staging / layout.deferred_marker(ref.sha256, cache_tag).name, python)
             write_marker(staging / layout.pyc_marker(ref.sha256, cache_tag).name, python)
             seal_read_only(site)
             tree = layout.tree_dir(ref.sha256)
@@ -464,11 +534,16 @@ def _check_bundled(source: Path, ref: WheelRef) -> bool:
 
 
 def _count_files(top: Path) -> tuple[int, int]:
+    """Files and bytes under ``top``; one removed while it is listed (a compile worker's temp
+    file renamed, a tree collected) is not counted."""
     count = size = 0
     for root, _dirs, files in os.walk(top):
         for name in files:
+            try:
+                size += Path(root, name).lstat().st_size
+            except FileNotFoundError:
+                continue
             count += 1
-            size += Path(root, name).lstat().st_size
     return count, size
 
 

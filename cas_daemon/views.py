@@ -39,10 +39,10 @@ from typing import Literal
 
 from cas_daemon.errors import StoreError
 from cas_daemon.layout import StoreLayout
-from cas_daemon.precompile import remove_sealed
+from cas_daemon.precompile import is_deferred_dir, remove_sealed
 
 #: Bumped whenever the same trees would give a different view: it is part of every key.
-VIEW_FORMAT = 1
+VIEW_FORMAT = 2
 LinkMode = Literal["symlink", "hardlink"]
 #: Chosen by measurement, see docs/views.md.
 DEFAULT_LINK_MODE: LinkMode = "hardlink"
@@ -402,8 +402,13 @@ def _hardlink_file(source: str, dest: str) -> None:
             raise
 
 
-def _hardlink_tree(source: str, dest: str, relpath: str, made: list[str]) -> None:
+def _hardlink_tree(source: str, dest: str, relpath: str, made: list[str], final_dest: str) -> None:
     """Recreate the dir ``source`` at ``dest``: real dirs, hard-linked files.
+
+    Test dirs (:func:`~cas_daemon.precompile.is_deferred_dir`) are symlinks to the tree's
+    instead, relative from ``final_dest`` (where ``dest`` will be): a store that defers their
+    bytecode adds it to the tree after the view is built, and through a symlink it shows.
+    Their import speed does not matter; no model imports them when it loads.
 
     Plain strings and ``os`` calls: this runs once per file of every tree, tens of thousands.
     """
@@ -414,10 +419,13 @@ def _hardlink_tree(source: str, dest: str, relpath: str, made: list[str]) -> Non
             if not _visible(relpath, item.name):
                 continue
             target = os.path.join(dest, item.name)  # noqa: PTH118
-            if item.is_dir(follow_symlinks=False):
-                _hardlink_tree(item.path, target, _join(relpath, item.name), made)
-            else:
+            final_target = os.path.join(final_dest, item.name)  # noqa: PTH118
+            if not item.is_dir(follow_symlinks=False):
                 _hardlink_file(item.path, target)
+            elif is_deferred_dir(item.name):
+                os.symlink(os.path.relpath(item.path, final_dest), target)  # noqa: PTH211
+            else:
+                _hardlink_tree(item.path, target, _join(relpath, item.name), made, final_target)
 
 
 def _place_links(
@@ -431,10 +439,14 @@ def _place_links(
         made.append(str(site / relpath))
     for link in plan.links:
         dest = site / link.path
-        if link_mode == "symlink":
+        if link_mode == "symlink" or (
+            link.kind == "dir" and is_deferred_dir(link.path.rpartition("/")[2])
+        ):
             _symlink(link, dest, final_site / link.path, base)
         elif link.kind == "dir":
-            _hardlink_tree(str(link.source), str(dest), link.path, made)
+            _hardlink_tree(
+                str(link.source), str(dest), link.path, made, str(final_site / link.path)
+            )
         else:
             _hardlink_file(str(link.source), str(dest))
     return made
