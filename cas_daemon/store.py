@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     # asyncio costs ~30 ms to import and the warm path never needs it: the cold-path
     # functions import it themselves.
     import asyncio
+    from concurrent.futures import Executor, ThreadPoolExecutor
     from types import TracebackType
 
     from cas_daemon.fetch import Downloader
@@ -46,6 +47,8 @@ class _Emit(Protocol):
     def __call__(self, kind: EventKind, nbytes: int = 0) -> None: ...
 
 
+#: Threads for the store's blocking steps (:meth:`Store._steps`): wheels published at once.
+STEP_THREADS = 16
 _LOCK_POLL_FIRST = 0.005
 _LOCK_POLL_MAX = 0.1
 
@@ -161,6 +164,8 @@ class Store:
         self._compilers: CompilerPools | None = None
         self._compilers_closer: weakref.finalize[[], Store] | None = None
         self._compilers_lock = _thread.allocate_lock()
+        self._executor: ThreadPoolExecutor | None = None  # the cold path's, see _steps()
+        self._executor_pid = 0
 
     @classmethod
     def open_default(
@@ -179,8 +184,11 @@ class Store:
         """
         with self._compilers_lock:
             closer, self._compilers_closer, self._compilers = self._compilers_closer, None, None
+            executor, self._executor = self._executor, None
         if closer is not None:
             closer()  # CompilerPools.close, once
+        if executor is not None:
+            executor.shutdown(wait=False)  # idle by now: the compile workers were stopped
 
     async def aclose(self) -> None:
         """:meth:`close` without blocking the event loop (a daemon's shutdown)."""
@@ -222,6 +230,27 @@ class Store:
                 self._compilers_closer = weakref.finalize(self, pools.close)
                 self._compilers = pools
             return self._compilers
+
+    def _steps(self) -> Executor:
+        """The threads that run this store's long blocking steps (unpack, compile, seal).
+
+        Not the event loop's default executor: a publish holds its thread for seconds (most
+        of it waiting for compile workers), and the downloads' writes and every other
+        ``asyncio.to_thread`` of the process would queue behind a few of them, so that
+        downloads stalled while the trees already fetched were compiled. Threads are cheap
+        and mostly wait; the compile workers and the disk bound the real concurrency.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        with self._compilers_lock:
+            # A forked child has none of the parent's threads: the parent's executor would
+            # count them as idle and never run a step there.
+            if self._executor is None or self._executor_pid != os.getpid():
+                self._executor = ThreadPoolExecutor(
+                    max_workers=STEP_THREADS, thread_name_prefix="wheelcas-store"
+                )
+                self._executor_pid = os.getpid()
+            return self._executor
 
     # --- the warm path -----------------------------------------------------------------
 
@@ -333,7 +362,7 @@ class Store:
         if not marker.exists():
             return None
         async with _exclusive(self.layout.lock_path(sha)):
-            return await _locked_step(self._complete_deferred, sha, cache_tag)
+            return await _locked_step(self._steps(), self._complete_deferred, sha, cache_tag)
 
     def _complete_deferred(self, sha: str, cache_tag: str) -> int | None:
         from cas_daemon.precompile import complete_deferred, interpreter_cache_tag
@@ -402,11 +431,13 @@ class Store:
         from cas_daemon.precompile import compile_published
 
         async with _exclusive(self.layout.lock_path(sha)):
-            await _locked_step(self._remove_leftovers, sha)
+            await _locked_step(self._steps(), self._remove_leftovers, sha)
             if not self.layout.tree_dir(sha).exists():
                 emit("start")
                 source = await self._obtain(state, ref, emit)
-                size = await _locked_step(self._publish, ref, source, python, cache_tag)
+                size = await _locked_step(
+                    self._steps(), self._publish, ref, source, python, cache_tag
+                )
                 emit("ready", size)
             elif not marker.exists():
                 emit("start")
@@ -418,9 +449,16 @@ class Store:
                     else None
                 )
                 await _locked_step(
-                    compile_published, site, python, marker, pools=pools, deferred_marker=deferred
+                    self._steps(),
+                    compile_published,
+                    site,
+                    python,
+                    marker,
+                    pools=pools,
+                    deferred_marker=deferred,
                 )
-                await _locked_step(self._dedupe, sha)  # the new .pyc may match other trees'
+                # The new .pyc may match other trees'.
+                await _locked_step(self._steps(), self._dedupe, sha)
                 emit("ready")
             else:  # another process published it while this one waited for the lock
                 emit("cached")
@@ -574,15 +612,18 @@ async def _exclusive(path: Path) -> AsyncIterator[None]:
         os.close(fd)  # closing the only descriptor releases the lock
 
 
-async def _locked_step(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-    """Run blocking ``fn`` in a thread; if cancelled, still wait for the thread to end.
+async def _locked_step(
+    executor: Executor, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """Run blocking ``fn`` in a thread of ``executor``; if cancelled, still wait for it to end.
 
     A thread cannot be stopped. Returning early would release the wheel's lock while the
     thread still writes in ``tmp/``, and the next lock holder would delete files under it.
     """
     import asyncio
 
-    future = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    call = functools.partial(fn, *args, **kwargs)
+    future = asyncio.get_running_loop().run_in_executor(executor, call)
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:

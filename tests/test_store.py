@@ -10,7 +10,9 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -117,6 +119,49 @@ def test_slow_download_does_not_hold_up_the_others(
     store.ready([_ref(package_index, w) for w in (slow, *fast)], progress=events.append)
 
     assert [e.name for e in events if e.kind == "ready"][-1] == slow.name
+
+
+def test_downloads_go_on_while_publishes_hold_the_loops_default_threads(
+    package_index: PackageIndex, wheel_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Publishing runs in the store's own threads: two publishes that take long (held here)
+    must not take the two threads of the loop's default executor, which the downloads'
+    writes need. Sharing them, the third wheel's download would wait for both."""
+    store = Store(StoreLayout(default_store_root()))
+    first, second, third = _wheels(wheel_dir, "held1", "held2", "free")
+    held = {first.name, second.name}
+    entered = threading.Semaphore(0)
+    release = threading.Event()
+    publish = Store._publish
+
+    def holding(self: Store, ref: WheelRef, *args: object) -> int:
+        if ref.filename in held:
+            entered.release()
+            assert release.wait(30)
+        return publish(self, ref, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Store, "_publish", holding)
+
+    async def scenario() -> None:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=2))
+        slow = asyncio.ensure_future(
+            store.aready([_ref(package_index, first), _ref(package_index, second)])
+        )
+        with ThreadPoolExecutor(max_workers=1) as waiter:  # not the loop's: it may be full
+            for _ in range(2):
+                assert await asyncio.get_running_loop().run_in_executor(
+                    waiter, entered.acquire, True, 30
+                )
+        try:
+            (site,) = await asyncio.wait_for(store.aready([_ref(package_index, third)]), 20)
+            assert (site / "free" / "__init__.py").is_file()
+            assert not slow.done()
+        finally:
+            release.set()
+        await slow
+
+    with store:
+        asyncio.run(scenario())
 
 
 def test_concurrent_calls_in_one_process_share_one_download(
