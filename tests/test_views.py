@@ -292,6 +292,22 @@ def test_a_subtree_of_one_wheel_is_linked_whole(
     assert (site / "alpha/sub/m.py").read_text() == "X = 1\n"
 
 
+def test_a_view_of_many_files_in_a_merged_dir_links_every_one(
+    publish: Publish, layout: StoreLayout
+) -> None:
+    count = 800
+    files = {f"many/d{n % 9}/m{n}.py": f"N = {n}\n" for n in range(count)}
+    a = publish("many", files=files)
+    b = publish("other", files={"other/__init__.py": "", "many/extra.py": "E = 1\n"})
+
+    site = ensure_view(layout, entries_of(a, b), key_of(a, b), link_mode="hardlink")
+
+    for name in files:
+        assert (site / name).stat().st_ino == (a[1] / name).stat().st_ino, name
+    assert (site / "many/extra.py").stat().st_ino == (b[1] / "many/extra.py").stat().st_ino
+    assert not (site / "many/d0").stat().st_mode & stat.S_IWUSR  # made dirs sealed too
+
+
 def test_the_view_is_sealed_and_reused_by_key(
     publish: Publish, layout: StoreLayout, mode: LinkMode
 ) -> None:
