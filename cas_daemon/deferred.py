@@ -21,8 +21,8 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from cas_daemon.errors import StoreError
 from cas_daemon.store import Store
+from lockgen.errors import WheelcasError
 
 log = logging.getLogger("wheelcas.daemon")
 
@@ -124,7 +124,7 @@ class DeferredBytecode:
     async def _complete(self, sha: str, cache_tag: str) -> None:
         try:
             count = await self._store.acomplete_deferred(sha, cache_tag)
-        except StoreError as exc:
+        except WheelcasError as exc:  # a StoreError, or the interpreter that cannot run
             self._failures += 1
             self._last_error = str(exc)
             log.warning("deferred bytecode of %s: %s", sha, exc)
@@ -133,6 +133,11 @@ class DeferredBytecode:
             self._failures += 1
             self._last_error = f"{sha}: {exc}"
             log.warning("deferred bytecode of %s: %s", sha, exc)
+            return
+        except Exception as exc:  # a bug must not end the task: the next tree may work
+            self._failures += 1
+            self._last_error = f"{sha}: internal error ({type(exc).__name__}), see the log"
+            log.exception("deferred bytecode of %s failed", sha)
             return
         if count is not None:
             self._trees_done += 1

@@ -4,6 +4,7 @@ store, the compile pool's priorities, views, and a real daemon (also one killed 
 
 from __future__ import annotations
 
+import asyncio
 import stat
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from cas_daemon.config import load_config
+from cas_daemon.deferred import DeferredBytecode, DeferredStats
 from cas_daemon.layout import StoreLayout
 from cas_daemon.precompile import (
     CompilerPools,
@@ -166,8 +168,6 @@ def test_a_store_that_defers_publishes_first_and_completes_later(
         assert store.deferred_trees() == [(ref.sha256, TAG)]
         assert layout.deferred_marker(ref.sha256, TAG).read_text().strip() == sys.executable
 
-        import asyncio
-
         assert asyncio.run(store.acomplete_deferred(ref.sha256, TAG)) == len(DEFERRED)
         assert asyncio.run(store.acomplete_deferred(ref.sha256, TAG)) is None  # done already
         assert store.deferred_trees() == []
@@ -193,6 +193,38 @@ def test_the_default_store_compiles_everything_before_ready(
         (site,) = store.ready([_ref(package_index, wheel)])
         assert store.deferred_trees() == []
     assert all(_pyc(site, r).is_file() for r in READY + DEFERRED)
+
+
+def test_a_tree_that_fails_is_reported_and_the_next_one_is_still_done(
+    package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
+) -> None:
+    broken = build_wheel(wheel_dir, "tpkg", files=FILES)
+    fine = build_wheel(wheel_dir, "other", files={"other/tests/test_o.py": "O = 1\n"})
+    refs = [_ref(package_index, broken), _ref(package_index, fine)]
+    layout = StoreLayout(tmp_path / "store")
+    with Store(layout, defer_test_bytecode=True) as store:
+        store.ready(refs)
+        gone = layout.deferred_marker(refs[0].sha256, TAG)
+        gone.write_text("/nonexistent/python3\n", encoding="utf-8")  # that Python went away
+
+        async def work() -> DeferredStats:
+            deferred = DeferredBytecode(store, idle_poll=0.01)
+            await deferred.start()
+            try:
+                for _ in range(1000):  # 20 s at most
+                    if not deferred.stats().pending:
+                        return deferred.stats()
+                    await asyncio.sleep(0.02)
+                raise AssertionError("the deferred work did not end")
+            finally:
+                await deferred.aclose()
+
+        stats = asyncio.run(work())
+    assert (stats.trees_done, stats.modules_done, stats.failures) == (1, 1, 1)
+    assert stats.last_error is not None
+    assert "/nonexistent/python3" in stats.last_error
+    assert gone.exists()  # tried again at the next start-up
+    assert not layout.deferred_marker(refs[1].sha256, TAG).exists()
 
 
 def test_the_daemon_defers_unless_configured_not_to(tmp_path: Path) -> None:
@@ -224,8 +256,6 @@ def test_a_view_shows_test_dirs_through_symlinks_so_later_bytecode_appears(
         assert not (view / "tpkg").is_symlink()  # code stays hard-linked
         assert (view / "tpkg/core.py").stat().st_ino == (site / "tpkg/core.py").stat().st_ino
         assert not _pyc(view, DEFERRED[1]).exists()
-
-        import asyncio
 
         asyncio.run(store.acomplete_deferred(ref.sha256, TAG))
     assert _pyc(view, DEFERRED[1]).is_file()
