@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -154,23 +154,31 @@ def test_background_batches_wait_for_the_others(tmp_path: Path) -> None:
 # --- the store ------------------------------------------------------------------------------
 
 
-def test_a_store_that_defers_publishes_first_and_completes_later(
-    package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
-) -> None:
-    wheel = build_wheel(wheel_dir, "tpkg", files=FILES)
-    ref = _ref(package_index, wheel)
-    layout = StoreLayout(tmp_path / "store")
-    with Store(layout, defer_test_bytecode=True) as store:
-        (site,) = store.ready([ref])
-        assert store.warm_site_dirs([ref], TAG) == [site]  # ready: loaders may use it now
-        assert all(_pyc(site, r).is_file() for r in READY)
-        assert not any(_pyc(site, r).exists() for r in DEFERRED)
-        assert store.deferred_trees() == [(ref.sha256, TAG)]
-        assert layout.deferred_marker(ref.sha256, TAG).read_text().strip() == sys.executable
+Published = tuple[Store, WheelRef, Path]
 
-        assert asyncio.run(store.acomplete_deferred(ref.sha256, TAG)) == len(DEFERRED)
-        assert asyncio.run(store.acomplete_deferred(ref.sha256, TAG)) is None  # done already
-        assert store.deferred_trees() == []
+
+@pytest.fixture
+def published(package_index: PackageIndex, wheel_dir: Path, tmp_path: Path) -> Iterator[Published]:
+    """A store that defers test bytecode, with the ``FILES`` wheel published: the store, the
+    wheel's ref and its site dir."""
+    ref = _ref(package_index, build_wheel(wheel_dir, "tpkg", files=FILES))
+    with Store(StoreLayout(tmp_path / "store"), defer_test_bytecode=True) as store:
+        (site,) = store.ready([ref])
+        yield store, ref, site
+
+
+def test_a_store_that_defers_publishes_first_and_completes_later(published: Published) -> None:
+    store, ref, site = published
+    layout = store.layout
+    assert store.warm_site_dirs([ref], TAG) == [site]  # ready: loaders may use it now
+    assert all(_pyc(site, r).is_file() for r in READY)
+    assert not any(_pyc(site, r).exists() for r in DEFERRED)
+    assert store.deferred_trees() == [(ref.sha256, TAG)]
+    assert layout.deferred_marker(ref.sha256, TAG).read_text().strip() == sys.executable
+
+    assert asyncio.run(store.acomplete_deferred(ref.sha256, TAG)) == len(DEFERRED)
+    assert asyncio.run(store.acomplete_deferred(ref.sha256, TAG)) is None  # done already
+    assert store.deferred_trees() == []
     assert all(_pyc(site, r).is_file() for r in DEFERRED)
     assert not layout.deferred_marker(ref.sha256, TAG).exists()
     assert not _writable(site / "tpkg/tests/__pycache__")
@@ -240,24 +248,20 @@ def test_the_daemon_defers_unless_configured_not_to(tmp_path: Path) -> None:
 
 
 def test_a_view_shows_test_dirs_through_symlinks_so_later_bytecode_appears(
-    package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
+    published: Published,
 ) -> None:
-    wheel = build_wheel(wheel_dir, "tpkg", files=FILES)
-    ref = _ref(package_index, wheel)
-    layout = StoreLayout(tmp_path / "store")
-    with Store(layout, defer_test_bytecode=True) as store:
-        (site,) = store.ready([ref])
-        view = ensure_view(layout, [(wheel.name, site)], view_key([ref.sha256], TAG))
-        tests_link = view / "tpkg/tests"
-        assert tests_link.is_symlink()
-        assert tests_link.resolve() == (site / "tpkg/tests").resolve()
-        assert not tests_link.readlink().is_absolute()  # relative: the store may move
-        assert (view / "tpkg/sub/test").is_symlink()
-        assert not (view / "tpkg").is_symlink()  # code stays hard-linked
-        assert (view / "tpkg/core.py").stat().st_ino == (site / "tpkg/core.py").stat().st_ino
-        assert not _pyc(view, DEFERRED[1]).exists()
+    store, ref, site = published
+    view = ensure_view(store.layout, [(ref.filename, site)], view_key([ref.sha256], TAG))
+    tests_link = view / "tpkg/tests"
+    assert tests_link.is_symlink()
+    assert tests_link.resolve() == (site / "tpkg/tests").resolve()
+    assert not tests_link.readlink().is_absolute()  # relative: the store may move
+    assert (view / "tpkg/sub/test").is_symlink()
+    assert not (view / "tpkg").is_symlink()  # code stays hard-linked
+    assert (view / "tpkg/core.py").stat().st_ino == (site / "tpkg/core.py").stat().st_ino
+    assert not _pyc(view, DEFERRED[1]).exists()
 
-        asyncio.run(store.acomplete_deferred(ref.sha256, TAG))
+    asyncio.run(store.acomplete_deferred(ref.sha256, TAG))
     assert _pyc(view, DEFERRED[1]).is_file()
     assert _pyc(view, DEFERRED[2]).is_file()
 
