@@ -124,22 +124,19 @@ class DeferredBytecode:
     async def _complete(self, sha: str, cache_tag: str) -> None:
         try:
             count = await self._store.acomplete_deferred(sha, cache_tag)
-        except WheelcasError as exc:  # a StoreError, or the interpreter that cannot run
-            self._failures += 1
-            self._last_error = str(exc)
+        except (WheelcasError, OSError) as exc:  # a StoreError, a Python that cannot run
+            self._failed(sha, str(exc))
             log.warning("deferred bytecode of %s: %s", sha, exc)
-            return
-        except OSError as exc:
-            self._failures += 1
-            self._last_error = f"{sha}: {exc}"
-            log.warning("deferred bytecode of %s: %s", sha, exc)
-            return
         except Exception as exc:  # a bug must not end the task: the next tree may work
-            self._failures += 1
-            self._last_error = f"{sha}: internal error ({type(exc).__name__}), see the log"
+            self._failed(sha, f"internal error ({type(exc).__name__}), see the log")
             log.exception("deferred bytecode of %s failed", sha)
-            return
-        if count is not None:
-            self._trees_done += 1
-            self._modules_done += count
-            log.debug("deferred bytecode of %s: %d module(s) compiled", sha, count)
+        else:
+            if count is not None:
+                self._trees_done += 1
+                self._modules_done += count
+                log.debug("deferred bytecode of %s: %d module(s) compiled", sha, count)
+
+    def _failed(self, sha: str, why: str) -> None:
+        """Count a failure; the tree's marker stays, for the next start-up to try again."""
+        self._failures += 1
+        self._last_error = f"{sha}: {why}"

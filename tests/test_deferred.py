@@ -281,6 +281,13 @@ def test_a_daemon_answers_before_the_test_dirs_and_compiles_them_after(
         result = client.resolve(model, entry)
         assert result.view is not None
         assert all(_pyc(result.view, r).is_file() for r in READY)
+        # Importable at once, before their bytecode is there (Python compiles in memory).
+        code = "import tpkg.tests.test_core, tpkg.sub.test.test_deep as d; print(d.Y)"
+        path = f"import sys; sys.path[:0] = [{str(result.view)!r}]; "
+        imported = subprocess.run(
+            [sys.executable, "-I", "-c", path + code], capture_output=True, text=True, check=False
+        )
+        assert (imported.returncode, imported.stdout.strip()) == (0, "2"), imported.stderr
 
         def done() -> bool:
             deferred = client.status()["deferred_bytecode"]
@@ -339,23 +346,3 @@ def _swallow(fn: Callable[[], object]) -> None:
         fn()
     except Exception:  # the daemon is killed under it: its error is expected
         return
-
-
-def test_deferred_test_modules_import_from_the_view(
-    short_tmp: Path, package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
-) -> None:
-    wheel = build_wheel(wheel_dir, "tpkg", files=FILES)
-    model = tmp_path / "model"
-    entry = lock_model(model, [url_dep(package_index, wheel)])
-    with running_daemon(short_tmp, tmp_path / "store") as daemon:
-        view = daemon.client().resolve(model, entry).view
-    assert view is not None
-    code = "import tpkg.tests.test_core as t, tpkg.sub.test.test_deep as d; print(d.Y)"
-    done = subprocess.run(
-        [sys.executable, "-I", "-c", f"import sys; sys.path[:0] = [{str(view)!r}]; {code}"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "2"
