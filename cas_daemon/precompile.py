@@ -157,6 +157,12 @@ def interpreter_cache_tag(python: str) -> str:
     return tag
 
 
+def is_bytecode(path: str) -> bool:
+    """Whether ``path`` (relative to a tree, "/"-separated) is a ``__pycache__/*.pyc``."""
+    parent, _, name = path.rpartition("/")
+    return name.endswith(".pyc") and parent.rpartition("/")[2] == "__pycache__"
+
+
 def is_deferred_dir(name: str) -> bool:
     """Whether modules in a dir of this name wait for :func:`complete_deferred`."""
     return name in DEFERRED_DIR_NAMES

@@ -382,8 +382,8 @@ class Store:
                 "published it) now has another cache tag: its test modules stay uncompiled. "
                 f"Remove {marker} to stop retrying."
             )
+        # Not deduplicated again: bytecode never matches another tree's (cas_daemon.dedupe).
         count = complete_deferred(site, python, pools=self._compile_pools(), display_dir=site)
-        self._dedupe(sha)
         marker.unlink()
         return count
 
@@ -457,8 +457,7 @@ class Store:
                     pools=pools,
                     deferred_marker=deferred,
                 )
-                # The new .pyc may match other trees'.
-                await _locked_step(self._steps(), self._dedupe, sha)
+                # Not deduplicated again: bytecode never matches another tree's.
                 emit("ready")
             else:  # another process published it while this one waited for the lock
                 emit("cached")

@@ -39,7 +39,7 @@ from typing import Literal
 
 from cas_daemon.errors import StoreError
 from cas_daemon.layout import StoreLayout
-from cas_daemon.precompile import is_deferred_dir, remove_sealed
+from cas_daemon.precompile import is_bytecode, is_deferred_dir, remove_sealed
 
 #: Bumped whenever the same trees would give a different view: it is part of every key.
 VIEW_FORMAT = 2
@@ -230,11 +230,6 @@ def with_children(listing: TreeListing, path: str, children: Mapping[str, Entry]
     return replace(listing, entries=put(listing.entries, path.split("/")))
 
 
-def _is_bytecode(path: str) -> bool:
-    parent, _, name = path.rpartition("/")
-    return name.endswith(".pyc") and parent.rpartition("/")[2] == "__pycache__"
-
-
 def _difference(first: Entry, other: Entry) -> str | None:
     """Why two entries at one path cannot be merged; None if they are (or may be) identical."""
     if first.kind != other.kind:
@@ -270,7 +265,7 @@ def plan_view(trees: Sequence[TreeListing]) -> ViewPlan:
         links.append(ViewLink(path, first_tree.root / path, first.kind))
         for index, entry in others:
             other_tree = trees[index]
-            if first.kind == entry.kind == "file" and _is_bytecode(path):
+            if first.kind == entry.kind == "file" and is_bytecode(path):
                 continue  # follows its source, the first tree's too (see the module docstring)
             detail = _difference(first, entry)
             if detail is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cas_daemon.dedupe import (
+    MIN_DEDUPE_SIZE,
     DedupeResult,
     DedupeStep,
     FileFact,
@@ -22,10 +23,11 @@ from cas_daemon.dedupe import (
     index_name,
     plan_dedupe,
     prune_index,
+    scan_files,
     shared_bytes,
 )
 from cas_daemon.layout import StoreLayout
-from cas_daemon.precompile import compile_tree, remove_sealed, seal_read_only
+from cas_daemon.precompile import compile_tree, is_bytecode, remove_sealed, seal_read_only
 
 # --- the pure part ------------------------------------------------------------------------
 
@@ -205,6 +207,41 @@ def test_modules_import_from_a_deduped_tree_with_their_bytecode(layout: StoreLay
     done = subprocess.run([sys.executable, "-I", "-B", "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "42\n"
+
+
+def test_bytecode_is_never_hashed_nor_indexed(layout: StoreLayout) -> None:
+    # Bytes equal on purpose, which real .pyc of two trees never are (their co_filename and
+    # source mtime differ): even then they are left alone, unread.
+    fake_pyc = "\r\n" + BIG
+    files = {
+        "pkg/__pycache__/core.cpython-311.pyc": fake_pyc,
+        "__pycache__/top.cpython-311.pyc": fake_pyc,
+    }
+    old = make_tree(layout, "a", {**files, "pkg/core.py": BIG})
+    new = make_tree(layout, "b", {**files, "pkg/core.py": BIG})
+
+    assert [f.path for f in scan_files(old, MIN_DEDUPE_SIZE)] == ["pkg/core.py"]
+    dedupe_tree(layout, old)
+    assert dedupe_tree(layout, new) == DedupeResult(1, len(BIG))  # the source only
+
+    entries = [p.name for p in layout.dedupe_dir.rglob("*") if p.is_file()]
+    assert len(entries) == 1
+    for relpath in files:
+        assert inode(new / relpath) != inode(old / relpath)
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("pkg/__pycache__/core.cpython-311.pyc", True),
+        ("__pycache__/top.cpython-311.pyc", True),
+        ("pkg/core.pyc", False),  # a .pyc beside its source is a module, not a cache
+        ("not__pycache__/core.pyc", False),
+        ("pkg/__pycache__/notes.txt", False),
+    ],
+)
+def test_what_counts_as_bytecode(path: str, expected: bool) -> None:
+    assert is_bytecode(path) is expected
 
 
 def test_a_source_of_another_age_keeps_its_own_copy(layout: StoreLayout) -> None:
