@@ -87,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows = [run_figure(session, ALL_FIGURES[name]) for name in names]
             finally:
                 session.close()  # daemons and extra index servers end with the run
+            log.append(session.settler.summary())
     finally:
         if args.keep_work:
             print(f"scratch kept in {work}", file=sys.stderr)

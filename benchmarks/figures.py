@@ -8,7 +8,6 @@ medians is what is judged. Targets other than the lock figures' 20 ms are propos
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import traceback
@@ -266,10 +265,10 @@ def _progress(text: str) -> None:
 def _sample(
     session: Session, name: str, measure: Measure, i: int, n: int, unit: Unit = "s"
 ) -> float:
-    # The last sample's clean-up deleted a store, a venv or a cache: tens of thousands of
-    # files whose metadata (and, on a disk mounted with `discard`, trims) would still be
-    # written back during this sample. Flushed first, for every figure and yardstick alike.
-    os.sync()
+    # Dirty pages of the last sample (its store, venv or cache) are written back first, and
+    # a disk still slow at creating files after deletions made before the run is waited for:
+    # for every figure and yardstick alike (benchmarks/settle.py).
+    session.settler.wait(session.log)
     value = measure(session)
     session.samples.setdefault(name, []).append(value)
     _progress(f"  {name} {i + 1}/{n}: {format_value(value, unit)}")
