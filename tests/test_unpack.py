@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import re
 import stat
 import struct
 import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import zstandard
 
+from cas_daemon import unpack
 from cas_daemon.errors import RecordMismatch, UnsafeWheelError, WheelTooLarge
 from cas_daemon.unpack import (
     MemberSpec,
@@ -147,6 +150,25 @@ def test_record_verifier_collects_every_kind_of_problem() -> None:
 # --- unpacking wheels --------------------------------------------------------------------
 
 
+@pytest.fixture(params=["zlib-ng", "zlib"])
+def inflater(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each deflate test runs with zlib-ng (the default where it has wheels) and the stdlib's
+    zlib (the fallback)."""
+    if request.param == "zlib":
+        monkeypatch.setattr(unpack, "_inflate_lib", zlib)
+    else:
+        zlib_ng = pytest.importorskip("zlib_ng.zlib_ng")
+        monkeypatch.setattr(unpack, "_inflate_lib", zlib_ng)
+    return str(request.param)
+
+
+def test_zlib_ng_is_installed_where_the_project_asks_for_it() -> None:
+    if platform.machine() not in ("x86_64", "aarch64", "AMD64", "arm64"):
+        pytest.skip("zlib-ng is only a dependency where it has wheels")
+    assert unpack.INFLATE_LIBRARY == "zlib_ng.zlib_ng"
+
+
+@pytest.mark.usefixtures("inflater")
 def test_unpacks_files_with_modes_and_reports_counts(tmp_path: Path) -> None:
     wheel = build_wheel(tmp_path, "demo", data_files={"scripts/run": "#!/bin/sh\n"})
     result = unpack_wheel(wheel, tmp_path / "site")
@@ -254,6 +276,7 @@ def test_refuses_declared_sizes_over_the_limits(tmp_path: Path) -> None:
     assert files_under(tmp_path) == ["w/demo-1.0-py3-none-any.whl"]
 
 
+@pytest.mark.usefixtures("inflater")
 def test_refuses_a_member_that_inflates_past_its_declared_size(tmp_path: Path) -> None:
     """A central directory that lies (file_size 10) about 8 MiB of zeros: stopped early."""
     wheel = build_wheel(tmp_path / "w", "demo", files={"demo/bomb.bin": b"\0" * (8 << 20)})
@@ -270,6 +293,7 @@ def test_refuses_a_member_that_inflates_past_its_declared_size(tmp_path: Path) -
     assert not (tmp_path / "site").exists()
 
 
+@pytest.mark.usefixtures("inflater")
 def test_refuses_a_corrupt_deflate_stream(tmp_path: Path) -> None:
     wheel = build_wheel(tmp_path / "w", "demo", files={"demo/x.py": "x = 1\n" * 1000})
     data = bytearray(wheel.read_bytes())
