@@ -40,8 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from cas_daemon.layout import StoreLayout
-from cas_daemon.precompile import is_bytecode
+from cas_daemon.layout import StoreLayout, is_bytecode
 
 #: Files smaller than this are left alone. Measured (docs/views.md): below 1 KiB are half of a
 #: tree's files but a few percent of the bytes they could save, and each costs a hash, a

@@ -29,6 +29,23 @@ from pathlib import Path
 LAYOUT_VERSION = "v1"
 DEFERRED_PREFIX = "deferred-"
 STORE_ENV_VAR = "WHEELCAS_HOME"
+#: Dirs whose modules a store that defers test bytecode compiles only after the tree is
+#: published (:func:`cas_daemon.precompile.complete_deferred`): test suites shipped inside
+#: wheels, which no model imports when it loads. In R40 they are 2,122 of 4,789 modules and
+#: 41 % of the source.
+DEFERRED_DIR_NAMES = frozenset({"tests", "test"})
+
+
+def is_bytecode(path: str) -> bool:
+    """Whether ``path`` (relative to a tree, "/"-separated) is a ``__pycache__/*.pyc``."""
+    parent, _, name = path.rpartition("/")
+    return name.endswith(".pyc") and parent.rpartition("/")[2] == "__pycache__"
+
+
+def is_deferred_dir(name: str) -> bool:
+    """Whether modules in a dir of this name wait for
+    :func:`cas_daemon.precompile.complete_deferred`."""
+    return name in DEFERRED_DIR_NAMES
 
 
 def default_store_root(environ: Mapping[str, str] | None = None) -> Path:

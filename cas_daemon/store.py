@@ -35,8 +35,8 @@ if TYPE_CHECKING:
     from concurrent.futures import Executor, ThreadPoolExecutor
     from types import TracebackType
 
+    from cas_daemon.compile_pool import CompilerPools
     from cas_daemon.fetch import Downloader
-    from cas_daemon.precompile import CompilerPools
     from cas_daemon.unpack import UnpackLimits
 
 P = ParamSpec("P")
@@ -132,7 +132,7 @@ class Store:
     """The content-addressed store under one root (see :mod:`cas_daemon.layout`).
 
     The cold path compiles with persistent worker processes (one pool per interpreter, see
-    :class:`cas_daemon.precompile.CompilerPools`), started on first use and kept for later
+    :class:`cas_daemon.compile_pool.CompilerPools`), started on first use and kept for later
     calls. :meth:`close` / :meth:`aclose` (or ``with`` / ``async with``) stops them; a store
     that is garbage collected, or still open at interpreter exit, stops them then.
 
@@ -220,7 +220,7 @@ class Store:
 
     def _compile_pools(self) -> CompilerPools:
         """This store's compile workers, made on first use (from any thread)."""
-        from cas_daemon.precompile import CompilerPools
+        from cas_daemon.compile_pool import CompilerPools
 
         with self._compilers_lock:
             if self._compilers is None:

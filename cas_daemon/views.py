@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Literal
 
 from cas_daemon.errors import StoreError
-from cas_daemon.layout import StoreLayout
-from cas_daemon.precompile import is_bytecode, is_deferred_dir, remove_sealed
+from cas_daemon.layout import StoreLayout, is_bytecode, is_deferred_dir
+from cas_daemon.precompile import remove_sealed
 
 #: Bumped whenever the same trees would give a different view: it is part of every key.
 VIEW_FORMAT = 2
@@ -400,7 +400,7 @@ def _hardlink_file(source: str, dest: str) -> None:
 def _hardlink_tree(source: str, dest: str, relpath: str, made: list[str], final_dest: str) -> None:
     """Recreate the dir ``source`` at ``dest``: real dirs, hard-linked files.
 
-    Test dirs (:func:`~cas_daemon.precompile.is_deferred_dir`) are symlinks to the tree's
+    Test dirs (:func:`~cas_daemon.layout.is_deferred_dir`) are symlinks to the tree's
     instead, relative from ``final_dest`` (where ``dest`` will be): a store that defers their
     bytecode adds it to the tree after the view is built, and through a symlink it shows.
     Their import speed does not matter; no model imports them when it loads.

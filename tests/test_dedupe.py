@@ -26,8 +26,8 @@ from cas_daemon.dedupe import (
     scan_files,
     shared_bytes,
 )
-from cas_daemon.layout import StoreLayout
-from cas_daemon.precompile import compile_tree, is_bytecode, remove_sealed, seal_read_only
+from cas_daemon.layout import StoreLayout, is_bytecode
+from cas_daemon.precompile import compile_tree, remove_sealed, seal_read_only
 
 # --- the pure part ------------------------------------------------------------------------
 

@@ -15,17 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from cas_daemon.compile_pool import CompilerPools
 from cas_daemon.config import load_config
 from cas_daemon.deferred import DeferredBytecode, DeferredStats
-from cas_daemon.layout import StoreLayout
-from cas_daemon.precompile import (
-    CompilerPools,
-    compile_tree,
-    complete_deferred,
-    deferred_roots,
-    is_deferred_dir,
-    seal_read_only,
-)
+from cas_daemon.layout import StoreLayout, is_deferred_dir
+from cas_daemon.precompile import compile_tree, complete_deferred, deferred_roots, seal_read_only
 from cas_daemon.store import Store, WheelRef
 from cas_daemon.views import ensure_view, view_key
 from lockgen.lockfile import sha256_hex

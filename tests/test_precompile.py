@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from cas_daemon.compile_pool import CompilerPools
 from cas_daemon.errors import StoreError
 from cas_daemon.layout import StoreLayout, default_store_root
-from cas_daemon.precompile import CompilerPools, compile_tree
+from cas_daemon.precompile import compile_tree
 from cas_daemon.store import Store, WheelRef
 from lockgen.lockfile import sha256_hex
 from tests.support.index import PackageIndex
@@ -107,7 +108,7 @@ def test_a_file_that_does_not_compile_is_skipped_and_logged(
         "mixed/good.py": "GOOD = 1\n",
     }
     wheel = build_wheel(wheel_dir, "mixed", files=files)
-    caplog.set_level(logging.DEBUG, logger="cas_daemon.precompile")
+    caplog.set_level(logging.DEBUG, logger="cas_daemon.compile_pool")
     with Store(StoreLayout(default_store_root())) as store:
         (site,) = store.ready([_ref(package_index, wheel)])
 
@@ -321,7 +322,8 @@ def test_a_process_exits_cleanly_with_workers_running(tmp_path: Path, close: str
             print("workers", len(pids), "left", len(alive))
 
         from cas_daemon.layout import StoreLayout
-        from cas_daemon.precompile import compile_tree, default_pools
+        from cas_daemon.compile_pool import default_pools
+        from cas_daemon.precompile import compile_tree
         from cas_daemon.store import Store
 
         compile_tree(Path({str(site)!r}), sys.executable)
@@ -360,7 +362,7 @@ def test_a_forked_child_starts_its_own_workers(tmp_path: Path) -> None:
         f"""\
         import os, sys, time
         from pathlib import Path
-        from cas_daemon.precompile import CompilerPools
+        from cas_daemon.compile_pool import CompilerPools
 
         pools = CompilerPools(workers=1)
         pools.compile_tree(Path({str(sites[0])!r}), sys.executable)
