@@ -123,7 +123,8 @@ main()
 
 
 def default_pools() -> CompilerPools:
-    """The process-wide pools behind :func:`compile_tree` without ``pools``; closed at exit."""
+    """The process-wide pools behind :func:`cas_daemon.precompile.compile_tree` without
+    ``pools``; closed at exit."""
     global _default_pools
     with _default_lock:
         if _default_pools is None:
@@ -583,7 +584,7 @@ class CompilerPools:
     def compile_tree(
         self, site_dir: Path, python: str, *, display_dir: Path | None = None, defer: bool = False
     ) -> int:
-        """:func:`compile_tree` with these pools."""
+        """:func:`cas_daemon.precompile.compile_tree` with these pools."""
         now, deferred = _find_sources(site_dir, display_dir)
         if not defer:
             now = _largest_first([*now, *deferred])
@@ -651,7 +652,7 @@ class CompilerPools:
 
 def _find_sources(site_dir: Path, display_dir: Path | None) -> tuple[list[_Source], list[_Source]]:
     """Every ``*.py`` file under ``site_dir`` as compileall would pick them, largest first:
-    those outside test dirs, and those inside one (:func:`is_deferred_dir`)."""
+    those outside test dirs, and those inside one (:func:`cas_daemon.layout.is_deferred_dir`)."""
     found: tuple[list[_Source], list[_Source]] = ([], [])
     stack: list[tuple[str, str | None, bool]] = [
         (

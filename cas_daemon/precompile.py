@@ -56,8 +56,9 @@ def compile_tree(
 ) -> int:
     """Write ``.pyc`` files for every module under ``site_dir`` using ``python``.
 
-    ``defer``: leave out the modules under test dirs (:data:`DEFERRED_DIR_NAMES`), for
-    :func:`complete_deferred` to compile later; returns how many were left out (0 without).
+    ``defer``: leave out the modules under test dirs
+    (:data:`cas_daemon.layout.DEFERRED_DIR_NAMES`), for :func:`complete_deferred` to compile
+    later; returns how many were left out (0 without).
 
     Every ``*.py`` file (``__pycache__`` and symlinked directories left out, as compileall
     does) gets ``__pycache__/NAME.{cache_tag}.pyc``, written by ``py_compile`` in a worker of
