@@ -153,9 +153,14 @@ def _digest(path: str) -> str:
     return digest.hexdigest()
 
 
-def scan_files(site_dir: Path, min_size: int) -> list[FileFact]:
+def scan_files(
+    site_dir: Path, min_size: int, known_digests: Mapping[str, str] | None = None
+) -> list[FileFact]:
     """Every regular file of ``site_dir`` of at least ``min_size`` bytes, hashed; bytecode
-    (:func:`is_bytecode`) left out."""
+    (:func:`is_bytecode`) left out. A file in ``known_digests`` (by path relative to the
+    site dir) is taken to have that sha256 and is not read again: the unpacker computed it
+    from the bytes it wrote, in a tree nobody else writes to."""
+    known = known_digests or {}
     facts: list[FileFact] = []
     skip = len(str(site_dir)) + 1  # of every path os.walk gives: the site dir and a "/"
     for root, _dirs, files in os.walk(site_dir):
@@ -169,7 +174,7 @@ def scan_files(site_dir: Path, min_size: int) -> list[FileFact]:
                 continue
             inode = (info.st_dev, info.st_ino)
             mode = stat.S_IMODE(info.st_mode)
-            digest = _digest(path)
+            digest = known.get(relpath) or _digest(path)
             facts.append(FileFact(relpath, info.st_size, mode, inode, digest, int(info.st_mtime)))
     return facts
 
@@ -277,15 +282,20 @@ def apply_dedupe(layout: StoreLayout, site_dir: Path, steps: Sequence[DedupeStep
 
 
 def dedupe_tree(
-    layout: StoreLayout, site_dir: Path, *, min_size: int = MIN_DEDUPE_SIZE
+    layout: StoreLayout,
+    site_dir: Path,
+    *,
+    min_size: int = MIN_DEDUPE_SIZE,
+    known_digests: Mapping[str, str] | None = None,
 ) -> DedupeResult:
     """Link the files of the published tree ``site_dir`` to identical files already stored.
 
     Run it under the tree's wheel lock, right after publishing: it opens the tree's sealed
     dirs for a moment, as compiling does. Adding bytecode later changes nothing it would do.
     Files already linked are skipped, so running it twice only costs the hashing.
+    ``known_digests``: see :func:`scan_files` (``UnpackResult.digests`` of the tree).
     """
-    files = scan_files(site_dir, min_size)
+    files = scan_files(site_dir, min_size, known_digests)
     index = _lookup(layout, (index_name(f.digest, f.mode) for f in files))
     return apply_dedupe(layout, site_dir, plan_dedupe(files, index))
 

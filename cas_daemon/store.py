@@ -17,7 +17,7 @@ import os
 import secrets
 import sys
 import weakref
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar
@@ -493,6 +493,7 @@ class Store:
             remove_sealed(path)
 
     def _publish(self, ref: WheelRef, source: Path, python: str, cache_tag: str) -> int:
+        from cas_daemon.dedupe import MIN_DEDUPE_SIZE
         from cas_daemon.precompile import compile_tree, remove_sealed, seal_read_only, write_marker
         from cas_daemon.unpack import UnpackLimits, unpack_wheel
         from lockgen.classify import strip_credentials
@@ -507,7 +508,14 @@ class Store:
             limits = self._limits if self._limits is not None else UnpackLimits()
             shown = str(ref.bundle_path) if ref.url is None else strip_credentials(ref.url)
             site = staging / "site"
-            unpack_wheel(source, site, limits=limits, verify_record=bundled, display_name=shown)
+            unpacked = unpack_wheel(
+                source,
+                site,
+                limits=limits,
+                verify_record=bundled,
+                display_name=shown,
+                digest_min_size=MIN_DEDUPE_SIZE,
+            )
             deferred = compile_tree(
                 site,
                 python,
@@ -525,10 +533,10 @@ class Store:
         except BaseException:
             remove_sealed(staging)
             raise
-        self._dedupe(ref.sha256)
+        self._dedupe(ref.sha256, unpacked.digests)
         return source.stat().st_size
 
-    def _dedupe(self, key: str) -> None:
+    def _dedupe(self, key: str, known_digests: Mapping[str, str]) -> None:
         """Share files identical to ones of other trees (see :mod:`cas_daemon.dedupe`).
 
         Only an optimisation: a tree that could not be deduplicated is still complete.
@@ -539,7 +547,9 @@ class Store:
 
         log = logging.getLogger(__name__)
         try:
-            result = dedupe_tree(self.layout, self.layout.site_dir(key))
+            result = dedupe_tree(
+                self.layout, self.layout.site_dir(key), known_digests=known_digests
+            )
         except OSError as exc:
             log.warning("could not deduplicate %s: %s", self.layout.site_dir(key), exc)
             return

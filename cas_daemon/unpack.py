@@ -15,6 +15,7 @@ Synchronous on purpose: the store runs it in a worker thread (``asyncio.to_threa
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -22,8 +23,8 @@ import stat
 import struct
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal, cast
 
@@ -66,6 +67,9 @@ class UnpackResult:
     files: int
     bytes: int
     dist_info: str  # the ``.dist-info`` directory's name
+    #: sha256 (hex) of the bytes written, by ``dest``, for files of at least the caller's
+    #: ``digest_min_size``: what dedupe would otherwise read back and hash again.
+    digests: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +222,7 @@ def unpack_wheel(
     limits: UnpackLimits = UnpackLimits(),  # frozen, so one shared default is safe
     verify_record: bool = True,
     display_name: str | None = None,
+    digest_min_size: int | None = None,
 ) -> UnpackResult:
     """Unpack the wheel or bundle ``source`` into the new directory ``target``.
 
@@ -226,21 +231,29 @@ def unpack_wheel(
     sha256 the caller already checked may skip that with ``verify_record=False``. On any
     failure ``target`` is removed again, so nothing is left behind. ``display_name`` names
     the source in errors (a URL, a path in the model dir) instead of a staging path.
+    With ``digest_min_size``, the sha256 of every file of at least that many bytes is
+    computed as it is written (:attr:`UnpackResult.digests`), for
+    :func:`cas_daemon.dedupe.dedupe_tree`: the bytes are in memory here anyway.
     """
     display = display_name or str(source)
     bundled = is_bundle(source)
     target.mkdir(parents=True)  # FileExistsError if it exists: never mix with other files
     try:
         if bundled:
-            return _unpack_bundle(source, target, limits, display)
-        return _unpack_zip(source, target, limits, verify_record, display)
+            return _unpack_bundle(source, target, limits, display, digest_min_size)
+        return _unpack_zip(source, target, limits, verify_record, display, digest_min_size)
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
         raise
 
 
 def _unpack_zip(
-    source: Path, target: Path, limits: UnpackLimits, verify: bool, display: str
+    source: Path,
+    target: Path,
+    limits: UnpackLimits,
+    verify: bool,
+    display: str,
+    digest_min_size: int | None,
 ) -> UnpackResult:
     with open(source, "rb") as raw:
         try:
@@ -256,7 +269,7 @@ def _unpack_zip(
                 raise UnsafeWheelError(display, f.name, problem)
         if verify and plan.files[0].name != plan.record:
             raise RecordMismatch(display, plan.record, "is missing")
-        writer = _Writer(target, display)
+        writer = _Writer(target, display, digest_min_size)
         return writer.write_all(plan, lambda f: _zip_chunks(raw, by_name[f.name], display), verify)
 
 
@@ -297,7 +310,9 @@ def _zip_chunks(raw: BinaryIO, info: zipfile.ZipInfo, display: str) -> Iterator[
         raise corrupt("its deflate stream is cut short")
 
 
-def _unpack_bundle(source: Path, target: Path, limits: UnpackLimits, display: str) -> UnpackResult:
+def _unpack_bundle(
+    source: Path, target: Path, limits: UnpackLimits, display: str, digest_min_size: int | None
+) -> UnpackResult:
     try:
         with open_bundle(source) as bundle:
             specs = [bundle_member_spec(e.name, e.size, e.mode) for e in bundle.entries]
@@ -305,7 +320,7 @@ def _unpack_bundle(source: Path, target: Path, limits: UnpackLimits, display: st
             if [f.name for f in plan.files] != [e.name for e in bundle.entries]:
                 raise RecordMismatch(display, plan.record, "is not the bundle's first member")
             members = bundle.iter_members()
-            result = _Writer(target, display).write_all(
+            result = _Writer(target, display, digest_min_size).write_all(
                 plan, lambda f: next(members).chunks(), verify=True
             )
             for _ in members:  # runs the end-of-stream checks: checksum, no trailing data
@@ -318,18 +333,23 @@ def _unpack_bundle(source: Path, target: Path, limits: UnpackLimits, display: st
 class _Writer:
     """Writes planned files under ``target``, counting and hashing each as it goes."""
 
-    def __init__(self, target: Path, display: str) -> None:
+    def __init__(self, target: Path, display: str, digest_min_size: int | None = None) -> None:
         self.target = target
         self.display = display
         self.made_dirs = {target}
+        self.digest_min_size = digest_min_size
 
     def write_all(self, plan: UnpackPlan, chunks: ChunkSource, verify: bool) -> UnpackResult:
         verifier: RecordVerifier | None = None
+        digests: dict[str, str] = {}
         total = 0
         for f in plan.files:
             keep = verify and f.name == plan.record
             hasher = verifier.hasher(f.name) if verifier else None
-            kept = self.write(f, chunks(f), hasher, keep)
+            content = self._content_hasher(f, hasher)
+            kept = self.write(f, chunks(f), hasher, keep, content)
+            if content is not None:
+                digests[f.dest] = content.digest().hex()
             total += f.size
             if keep:
                 verifier = RecordVerifier(kept, f.name)
@@ -339,10 +359,23 @@ class _Writer:
         if problems:
             member, text = summarize_problems(problems)
             raise RecordMismatch(self.display, member, text)
-        return UnpackResult(len(plan.files), total, plan.dist_info)
+        return UnpackResult(len(plan.files), total, plan.dist_info, digests)
+
+    def _content_hasher(self, f: PlannedFile, record_hasher: Hasher | None) -> Hasher | None:
+        """The sha256 to compute for ``f`` (RECORD's own when it is one), or None."""
+        if self.digest_min_size is None or f.size < max(self.digest_min_size, 1):
+            return None
+        if getattr(record_hasher, "name", None) == "sha256":
+            return record_hasher
+        return hashlib.sha256()
 
     def write(
-        self, f: PlannedFile, chunks: Iterable[bytes], hasher: Hasher | None, keep: bool
+        self,
+        f: PlannedFile,
+        chunks: Iterable[bytes],
+        hasher: Hasher | None,
+        keep: bool,
+        content: Hasher | None = None,
     ) -> bytes:
         """Write one file; return its bytes if ``keep``. Exactly ``f.size`` bytes, or refuse."""
         path = self.target / f.dest
@@ -365,6 +398,8 @@ class _Writer:
                 out.write(data)
                 if hasher:
                     hasher.update(data)
+                if content is not None and content is not hasher:
+                    content.update(data)
                 if keep:
                     kept += data
             os.fchmod(out.fileno(), 0o755 if f.executable else 0o644)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import subprocess
@@ -267,3 +268,15 @@ def test_a_pruned_entry_is_replaced_by_the_next_copy(layout: StoreLayout) -> Non
     newer = make_tree(layout, "c", {"core.py": BIG})
     assert dedupe_tree(layout, newer) == DedupeResult(1, len(BIG))
     assert prune_index(layout) == PruneResult(0, 0)  # still used by two trees
+
+
+def test_known_digests_are_taken_as_given_and_the_rest_hashed(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    (site / "pkg").mkdir(parents=True)
+    (site / "pkg" / "known.py").write_bytes(b"k" * 2000)
+    (site / "pkg" / "other.py").write_bytes(b"o" * 2000)
+    claimed = "f" * 64
+
+    facts = {f.path: f.digest for f in scan_files(site, 1024, {"pkg/known.py": claimed})}
+
+    assert facts == {"pkg/known.py": claimed, "pkg/other.py": hashlib.sha256(b"o" * 2000).hexdigest()}

@@ -179,6 +179,47 @@ def test_unpacks_files_with_modes_and_reports_counts(tmp_path: Path) -> None:
     assert stat.S_IMODE((site / "demo/__init__.py").stat().st_mode) == 0o644
 
 
+@pytest.mark.parametrize("verify", [True, False])
+def test_digests_are_the_sha256_of_what_was_written_from_the_minimum_size(
+    tmp_path: Path, verify: bool
+) -> None:
+    files = {
+        "demo/__init__.py": "",
+        "demo/small.py": "S = 1\n",
+        "demo/big.py": "B = 1\n" * 400,
+        "demo/exactly.txt": b"x" * 1024,
+    }
+    data = {"purelib/remapped.py": "R = 2\n" * 300}
+    wheel = build_wheel(tmp_path, "demo", files=files, data_files=data)
+    site = tmp_path / "site"
+    result = unpack_wheel(wheel, site, verify_record=verify, digest_min_size=1024)
+
+    expected = {
+        rel: hashlib.sha256((site / rel).read_bytes()).hexdigest()
+        for rel in files_under(site)
+        if (site / rel).stat().st_size >= 1024
+    }
+    assert {"demo/big.py", "demo/exactly.txt", "remapped.py"} <= set(expected)
+    assert result.digests == expected
+
+
+def test_no_digests_unless_asked_and_none_for_empty_files(tmp_path: Path) -> None:
+    wheel = build_wheel(tmp_path, "demo", files={"demo/__init__.py": "", "demo/a.py": "A = 1\n"})
+    assert unpack_wheel(wheel, tmp_path / "a").digests == {}
+    digests = unpack_wheel(wheel, tmp_path / "b", digest_min_size=0).digests
+    assert "demo/a.py" in digests
+    assert "demo/__init__.py" not in digests  # an empty file is never worth sharing
+
+
+def test_a_bundle_gives_digests_too(tmp_path: Path) -> None:
+    wheel = build_wheel(tmp_path / "w", "demo", files={"demo/big.py": "B = 1\n" * 400})
+    packed = tmp_path / "demo.whl.wcb.zst"
+    write_bundle(wheel, packed)
+    result = unpack_wheel(packed, tmp_path / "site", digest_min_size=1024)
+    big = (tmp_path / "site/demo/big.py").read_bytes()
+    assert result.digests["demo/big.py"] == hashlib.sha256(big).hexdigest()
+
+
 def test_purelib_and_platlib_are_remapped_to_the_root(tmp_path: Path) -> None:
     data = {
         "purelib/pure_mod.py": "P = 1\n",
