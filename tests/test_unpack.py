@@ -183,7 +183,7 @@ def test_unpacks_files_with_modes_and_reports_counts(tmp_path: Path) -> None:
 def test_digests_are_the_sha256_of_what_was_written_from_the_minimum_size(
     tmp_path: Path, verify: bool
 ) -> None:
-    files = {
+    files: dict[str, bytes | str] = {
         "demo/__init__.py": "",
         "demo/small.py": "S = 1\n",
         "demo/big.py": "B = 1\n" * 400,
