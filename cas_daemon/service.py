@@ -43,6 +43,7 @@ from cas_daemon.errors import StoreError
 from cas_daemon.leases import process_start_time
 from cas_daemon.metadata import Metadata
 from cas_daemon.metrics import Meter, Metrics
+from cas_daemon.prelink import Prelinker
 from cas_daemon.progress import ProgressCallback, ProgressEvent
 from cas_daemon.protocol import (
     BadRequest,
@@ -172,29 +173,48 @@ class Service:
         lease = None
         if plan.request.lease and not prefetch and peer is not None:
             lease = await self._record_lease(peer, shas, key)
+        prelinker: Prelinker | None = None
         try:
             already = sum(self.layout.pyc_marker(s, tag).exists() for s in shas)
             if already == len(shas):
                 self.metrics.cache_hits += already
                 sites = [self.layout.site_dir(ref.sha256) for ref in plan.refs]
             else:
-                sites = await self._ready_recording(plan, tag, on_event)
+                prelinker = await self._claim_prelinker(key)
+                sites = await self._ready_recording(plan, tag, on_event, prelinker)
                 self.deferred.note_published(shas, tag)
             await self.uploads.forget_used(plan.refs)
-            site, view_error = (None, None) if key is None else await self._view(plan, key)
+            site, view_error = (
+                (None, None) if key is None else await self._view(plan, key, prelinker)
+            )
             await self._record_use(shas, key if site is not None else None)
         except BaseException as exc:
             if lease is not None:
                 await self._drop_lease_record(lease)
             await self.uploads.forget_failed(exc)
             raise
+        finally:
+            if prelinker is not None:
+                await asyncio.to_thread(prelinker.close)
         if prefetch:
             self.metrics.prefetches += 1
         else:
             self.metrics.resolves += 1
         return Outcome(site, tuple(sites), lease, len(shas), already, view_error)
 
-    async def _view(self, plan: Plan, key: str) -> tuple[Path | None, WheelcasError | None]:
+    async def _claim_prelinker(self, key: str | None) -> Prelinker | None:
+        """A :class:`~cas_daemon.prelink.Prelinker` for a cold resolve's hard-link view."""
+        if key is None or self.config.view_link_mode == "symlink" or key in self._conflicts:
+            return None
+        try:
+            return await asyncio.to_thread(Prelinker.claim, self.layout, key)
+        except OSError as exc:  # only an optimisation: the view is built at the end anyway
+            log.warning("cannot stage view %s ahead: %s", key, exc)
+            return None
+
+    async def _view(
+        self, plan: Plan, key: str, prelinker: Prelinker | None = None
+    ) -> tuple[Path | None, WheelcasError | None]:
         """The view of the plan's trees (one sys.path entry); None and why if impossible.
 
         Wheels that clash (:class:`~cas_daemon.views.ViewConflict`) still load as separate
@@ -209,9 +229,12 @@ class Service:
         entries = [(ref.filename, self.layout.site_dir(sha)) for sha, ref in seen.items()]
         mode: views.LinkMode = "symlink" if self.config.view_link_mode == "symlink" else "hardlink"
         try:
-            site = await asyncio.to_thread(
-                views.ensure_view, self.layout, entries, key, link_mode=mode
-            )
+            if prelinker is not None:
+                site = await asyncio.to_thread(prelinker.finish, entries)
+            else:
+                site = await asyncio.to_thread(
+                    views.ensure_view, self.layout, entries, key, link_mode=mode
+                )
         except views.ViewConflict as exc:
             log.warning("no view for %d wheels: %s", len(entries), exc)
             self._conflicts[key] = exc
@@ -221,14 +244,20 @@ class Service:
         return site, None
 
     async def _ready_recording(
-        self, plan: Plan, tag: str, forward: ProgressCallback | None
+        self,
+        plan: Plan,
+        tag: str,
+        forward: ProgressCallback | None,
+        prelinker: Prelinker | None = None,
     ) -> list[Path]:
         """``store.aready`` of the plan, recording each tree in the index as it is published.
 
         Each tree is measured (a walk of its files) and recorded as soon as its ``ready``
         event comes, in a thread, while the other trees are still being compiled: after the
         last one, only its own record is left to wait for, not a walk of all of them (R40:
-        ~0.18 s between the last tree and the view, benchmarks/README.md).
+        ~0.18 s between the last tree and the view, benchmarks/README.md). With a
+        ``prelinker``, each ready tree is linked into the view's staging area too, one tree
+        at a time (:mod:`cas_daemon.prelink`).
         """
         recording: list[asyncio.Future[None]] = []
 
@@ -236,8 +265,16 @@ class Service:
             self._meter.count(event)
             if event.kind == "ready" and self.metadata is not None:
                 recording.append(asyncio.ensure_future(self._record_published(event, tag)))
+            if prelinker is not None and event.kind in ("ready", "cached"):
+                previous = prelinking[-1] if prelinking else None
+                site = self.layout.site_dir(event.sha256)
+                task = asyncio.ensure_future(_prelink(prelinker, event.sha256, site, previous))
+                prelinking.append(task)
+                recording.append(task)
             if forward is not None:
                 forward(event)
+
+        prelinking: list[asyncio.Future[None]] = []
 
         try:
             sites = await self.store.aready(plan.refs, python=plan.python, progress=listen)
@@ -571,3 +608,16 @@ def _owner_uid(pid: int) -> int | None:
         return os.stat(f"/proc/{pid}").st_uid  # noqa: PTH116 - one stat, cheaper than a Path
     except OSError:
         return None
+
+
+async def _prelink(
+    prelinker: Prelinker, sha: str, site: Path, previous: asyncio.Future[None] | None
+) -> None:
+    """Link one ready tree ahead of its view, after the tree before it: one thread, not one
+    per tree all waiting for the prelinker's lock."""
+    if previous is not None:
+        await asyncio.wait([previous])
+    try:
+        await asyncio.to_thread(prelinker.add, sha, site)
+    except Exception:  # only an optimisation; the view's build links the tree itself
+        log.exception("linking %s ahead of its view failed", site)

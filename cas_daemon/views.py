@@ -23,6 +23,7 @@ user with ``fs.protected_hardlinks``).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import fcntl
@@ -102,6 +103,36 @@ class ViewPlan:
     dirs: tuple[str, ...]  # to create, parents first
     links: tuple[ViewLink, ...]
     checks: tuple[SameContent, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class TreePart:
+    """One tree hard-linked whole, ahead of its view's build (:mod:`cas_daemon.prelink`).
+
+    ``root`` mirrors the tree's site dir as :func:`hardlink_tree` makes it, for the view's
+    final place; ``dirs`` are the dirs made there, relative to ``root``, sorted. A view built
+    from the same trees moves the subtrees its plan links whole out of here (a rename each)
+    instead of linking their files again.
+    """
+
+    root: str
+    dirs: tuple[str, ...]
+
+    def move(self, relpath: str, dest: str) -> list[str] | None:
+        """Rename the part's ``relpath`` to ``dest``; the dirs now under ``dest``, or None
+        if the part lacks it."""
+        try:
+            os.rename(f"{self.root}/{relpath}", dest)  # noqa: PTH104 - strings throughout
+        except FileNotFoundError:
+            return None
+        below = f"{relpath}/"
+        start = bisect.bisect_left(self.dirs, below)
+        moved = [dest]
+        for made in self.dirs[start:]:
+            if not made.startswith(below):
+                break
+            moved.append(f"{dest}/{made[len(below) :]}")
+        return moved
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,7 +428,7 @@ def _hardlink_file(source: str, dest: str) -> None:
             raise
 
 
-def _hardlink_tree(source: str, dest: str, relpath: str, made: list[str], final_dest: str) -> None:
+def hardlink_tree(source: str, dest: str, relpath: str, made: list[str], final_dest: str) -> None:
     """Recreate the dir ``source`` at ``dest``: real dirs, hard-linked files.
 
     Test dirs (:func:`~cas_daemon.layout.is_deferred_dir`) are symlinks to the tree's
@@ -420,13 +451,22 @@ def _hardlink_tree(source: str, dest: str, relpath: str, made: list[str], final_
             elif is_deferred_dir(item.name):
                 os.symlink(os.path.relpath(item.path, final_dest), target)  # noqa: PTH211
             else:
-                _hardlink_tree(item.path, target, _join(relpath, item.name), made, final_target)
+                hardlink_tree(item.path, target, _join(relpath, item.name), made, final_target)
 
 
 def _place_links(
-    plan: ViewPlan, site: Path, final_site: Path, base: Path, link_mode: LinkMode
+    plan: ViewPlan,
+    site: Path,
+    final_site: Path,
+    base: Path,
+    link_mode: LinkMode,
+    parts: Mapping[str, TreePart],
 ) -> list[str]:
-    """Make the plan's dirs and links under ``site``; every real dir made, to seal."""
+    """Make the plan's dirs and links under ``site``; every real dir made, to seal.
+
+    A dir linked whole is moved out of its tree's part when ``parts`` has one (by the
+    tree's site dir), and linked file by file otherwise.
+    """
     site.mkdir()
     made = [str(site)]
     for relpath in plan.dirs:
@@ -439,9 +479,13 @@ def _place_links(
         ):
             _symlink(link, dest, final_site / link.path, base)
         elif link.kind == "dir":
-            _hardlink_tree(
-                str(link.source), str(dest), link.path, made, str(final_site / link.path)
-            )
+            source = str(link.source)
+            part = parts.get(source[: -len(link.path) - 1])
+            moved = part.move(link.path, str(dest)) if part is not None else None
+            if moved is not None:
+                made.extend(moved)
+            else:
+                hardlink_tree(source, str(dest), link.path, made, str(final_site / link.path))
         else:
             _hardlink_file(str(link.source), str(dest))
     return made
@@ -454,13 +498,22 @@ def _manifest(plan: ViewPlan, key: str, link_mode: LinkMode) -> str:
     return json.dumps(doc, indent=2) + "\n"
 
 
-def build_view(layout: StoreLayout, key: str, plan: ViewPlan, *, link_mode: LinkMode) -> Path:
+def build_view(
+    layout: StoreLayout,
+    key: str,
+    plan: ViewPlan,
+    *,
+    link_mode: LinkMode,
+    parts: Mapping[str, TreePart] | None = None,
+) -> Path:
     """Build the view ``key`` from ``plan``; its site dir (what goes on ``sys.path``).
 
     Staged in ``tmp/view-{key}.*`` and renamed to ``views/<key>`` whole, then sealed: no
     reader ever sees a partial view. If a twin got there first, ours is discarded and the
     twin's is returned. Nothing is left in ``tmp/`` on failure. Callers hold the view's lock
     (:func:`ensure_view` does) so that leftovers of a crashed build can be removed safely.
+    ``parts``: trees already hard-linked for this view (``hardlink`` mode, see
+    :class:`TreePart`), by site dir; what is moved out of them is no longer theirs.
     """
     if link_mode not in ("symlink", "hardlink"):
         raise ValueError(f"link_mode must be 'symlink' or 'hardlink', not {link_mode!r}")
@@ -472,7 +525,7 @@ def build_view(layout: StoreLayout, key: str, plan: ViewPlan, *, link_mode: Link
     layout.views_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=layout.view_staging_prefix(key), dir=layout.tmp_dir))
     try:
-        made = _place_links(plan, staging / "site", final_site, layout.base, link_mode)
+        made = _place_links(plan, staging / "site", final_site, layout.base, link_mode, parts or {})
         (staging / _MANIFEST).write_text(_manifest(plan, key, link_mode), encoding="utf-8")
         (staging / _MANIFEST).chmod(0o444)
         for directory in made:
@@ -509,7 +562,8 @@ def _view_lock(path: Path) -> Iterator[None]:
         os.close(fd)  # closing the only descriptor releases the lock
 
 
-def _remove_leftovers(layout: StoreLayout, key: str) -> None:
+def remove_leftovers(layout: StoreLayout, key: str) -> None:
+    """Remove what a crashed build of view ``key`` staged; only under the view's lock."""
     if layout.tmp_dir.is_dir():
         for path in layout.tmp_dir.glob(f"{layout.view_staging_prefix(key)}*"):
             remove_sealed(path)
@@ -534,7 +588,7 @@ def ensure_view(
     with _view_lock(layout.view_lock_path(key)):
         if site.is_dir():  # built by another process while this one waited
             return site
-        _remove_leftovers(layout, key)
+        remove_leftovers(layout, key)
         plan = plan_view(scan_trees(entries))
         verify_plan(plan)
         return build_view(layout, key, plan, link_mode=link_mode)

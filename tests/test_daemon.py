@@ -141,6 +141,7 @@ def test_cold_then_warm_resolve_serves_one_view(
     assert _import_from(cold.package_dirs, "beta") == "beta"
     counters = client.status()["counters"]
     assert (counters["resolves"], counters["downloads"], counters["cache_hits"]) == (2, 2, 2)
+    assert not [n for n in _listdir(daemon.tmp_dir) if n.startswith("view-")]  # no parts left
 
 
 def test_prefetch_readies_without_view_or_lease(
