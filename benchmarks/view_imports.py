@@ -44,7 +44,7 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
 from benchmarks.procs import isolated_env
-from cas_daemon import dedupe, views
+from cas_daemon import dedupe, view_plan, views
 from cas_daemon.layout import StoreLayout
 from cas_daemon.precompile import compile_tree, remove_sealed, seal_read_only, write_marker
 from cas_daemon.unpack import unpack_wheel
@@ -269,7 +269,7 @@ def time_lookups(roots: dict[str, list[str]], passes: int) -> dict[str, float]:
 def build_once(layout: StoreLayout, trees: Sequence[Tree], mode: views.LinkMode) -> Path:
     """A fresh view of ``trees`` in ``mode`` (under a key of its own), the old one removed."""
     key = hashlib.sha256(
-        f"{views.view_key([t.sha for t in trees], TAG)}-{mode}".encode()
+        f"{view_plan.view_key([t.sha for t in trees], TAG)}-{mode}".encode()
     ).hexdigest()
     remove_sealed(layout.view_dir(key))
     return views.ensure_view(layout, [(t.wheel, t.site) for t in trees], key, link_mode=mode)

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from cas_daemon import views
+from cas_daemon import view_plan, views
 from cas_daemon.errors import StoreError
 from cas_daemon.layout import StoreLayout
 from cas_daemon.precompile import remove_sealed
@@ -98,13 +98,13 @@ class Prelinker:
     def finish(self, entries: Sequence[tuple[str, Path]]) -> Path:
         """The view of ``entries`` (as :func:`cas_daemon.views.ensure_view` takes them),
         built with the parts; the lock is released and the parts removed after, whatever
-        happens. Raises :class:`cas_daemon.views.ViewConflict` as ``ensure_view`` does."""
+        happens. Raises :class:`cas_daemon.view_plan.ViewConflict` as ``ensure_view`` does."""
         with self._mutex:
             try:
                 site = self.layout.view_site_dir(self.key)
                 if site.is_dir():
                     return site
-                plan = views.plan_view(views.scan_trees(entries))
+                plan = view_plan.plan_view(views.scan_trees(entries))
                 views.verify_plan(plan)
                 return views.build_view(
                     self.layout, self.key, plan, link_mode="hardlink", parts=self._parts

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cas_daemon import views
+from cas_daemon import view_plan, views
 from cas_daemon.config import DaemonConfig, KnownInterpreters
 from cas_daemon.deferred import DeferredBytecode
 from cas_daemon.diskscan import measure_tree
@@ -169,7 +169,7 @@ class Service:
         unique = {ref.sha256: ref for ref in plan.refs}
         shas = list(unique)
         with_view = not prefetch if view is None else view
-        key = views.view_key(shas, tag) if shas and with_view else None
+        key = view_plan.view_key(shas, tag) if shas and with_view else None
         lease = None
         if plan.request.lease and not prefetch and peer is not None:
             lease = await self._record_lease(peer, shas, key)
@@ -217,7 +217,7 @@ class Service:
     ) -> tuple[Path | None, WheelcasError | None]:
         """The view of the plan's trees (one sys.path entry); None and why if impossible.
 
-        Wheels that clash (:class:`~cas_daemon.views.ViewConflict`) still load as separate
+        Wheels that clash (:class:`~cas_daemon.view_plan.ViewConflict`) still load as separate
         site dirs, as they do in embedded mode; the client is told why there is no view.
         """
         site = self.layout.view_site_dir(key)
@@ -235,7 +235,7 @@ class Service:
                 site = await asyncio.to_thread(
                     views.ensure_view, self.layout, entries, key, link_mode=mode
                 )
-        except views.ViewConflict as exc:
+        except view_plan.ViewConflict as exc:
             log.warning("no view for %d wheels: %s", len(entries), exc)
             self._conflicts[key] = exc
             return None, exc

@@ -21,7 +21,8 @@ from cas_daemon.deferred import DeferredBytecode, DeferredStats
 from cas_daemon.layout import StoreLayout, is_deferred_dir
 from cas_daemon.precompile import compile_tree, complete_deferred, deferred_roots, seal_read_only
 from cas_daemon.store import Store, WheelRef
-from cas_daemon.views import ensure_view, view_key
+from cas_daemon.view_plan import view_key
+from cas_daemon.views import ensure_view
 from lockgen.lockfile import sha256_hex
 from tests.daemon_support import lock_model, running_daemon, start_daemon, url_dep
 from tests.support.index import PackageIndex

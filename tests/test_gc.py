@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cas_daemon import views
+from cas_daemon import view_plan, views
 from cas_daemon.gc import (
     BlobInfo,
     GcLimits,
@@ -413,7 +413,7 @@ def test_views_go_first_and_a_skipped_view_keeps_its_trees(
 ) -> None:
     shas = _publish(layout, meta, tmp_path / "dists", "alpha", "beta")
     members = list(shas.values())
-    key = views.view_key(members, TAG)
+    key = view_plan.view_key(members, TAG)
     entries = [(f"{name}-1.0-py3-none-any.whl", layout.site_dir(s)) for name, s in shas.items()]
     views.ensure_view(layout, entries, key)
     meta.record_view(key, members)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cas_daemon import leases, views
+from cas_daemon import leases, view_plan, views
 from cas_daemon.diskscan import read_view_members, scan_disk
 from cas_daemon.errors import StoreError
 from cas_daemon.fsck import fsck, rebuild_from_disk
@@ -276,7 +276,7 @@ def test_rebuild_after_the_index_is_deleted(
     layout.blob_path(orphan).parent.mkdir(parents=True)
     layout.blob_path(orphan).write_bytes(b"x" * 5)
     entries = [(f"{n}-1.0-py3-none-any.whl", layout.site_dir(s)) for n, s in shas.items()]
-    key = views.view_key(list(shas.values()), TAG)
+    key = view_plan.view_key(list(shas.values()), TAG)
     views.ensure_view(layout, entries, key)
     with Metadata.open(layout, clock=clock) as first:
         lease = first.add_lease(os.getpid(), 1, [shas["alpha"]], key)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cas_daemon import views
+from cas_daemon import view_plan, views
 from cas_daemon.layout import StoreLayout
 from cas_daemon.prelink import Prelinker
 from cas_daemon.store import Store, WheelRef
@@ -50,7 +50,7 @@ def trees(store: Store, tmp_path: Path) -> Trees:
 
 
 def key_of(trees: Trees, tag: str = TAG) -> str:
-    return views.view_key([sha for _, _, sha in trees], tag)
+    return view_plan.view_key([sha for _, _, sha in trees], tag)
 
 
 def entries_of(trees: Trees) -> list[tuple[str, Path]]:
@@ -190,7 +190,7 @@ def test_a_conflict_still_leaves_nothing_behind(store: Store, tmp_path: Path) ->
     for _, site, sha in trees:
         prelinker.add(sha, site)
 
-    with pytest.raises(views.ViewConflict, match=r"clash\.py"):
+    with pytest.raises(view_plan.ViewConflict, match=r"clash\.py"):
         prelinker.finish(entries_of(trees))
 
     assert list(store.layout.tmp_dir.iterdir()) == []

@@ -18,23 +18,19 @@ from cas_daemon import views
 from cas_daemon.layout import StoreLayout
 from cas_daemon.precompile import compile_tree, seal_read_only
 from cas_daemon.unpack import unpack_wheel
-from cas_daemon.views import (
+from cas_daemon.view_plan import (
     Entry,
-    LinkMode,
     SameContent,
     TreeListing,
     ViewConflict,
     ViewLink,
     ViewPlan,
-    build_view,
     dirs_to_expand,
-    ensure_view,
     plan_view,
-    scan_trees,
-    verify_plan,
     view_key,
     with_children,
 )
+from cas_daemon.views import LinkMode, build_view, ensure_view, scan_trees, verify_plan
 from tests.support.wheels import build_wheel, sha256_file
 
 TAG = sys.implementation.cache_tag
