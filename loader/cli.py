@@ -589,7 +589,8 @@ def _local_gc(ns: argparse.Namespace) -> dict[str, Any]:
     import time
 
     from cas_daemon.config import parse_duration, parse_size
-    from cas_daemon.gc import GcLimits, collect, human_bytes
+    from cas_daemon.gc import collect
+    from cas_daemon.gc_plan import GcLimits, human_bytes
     from cas_daemon.layout import StoreLayout, default_store_root
     from cas_daemon.metadata import Metadata
 

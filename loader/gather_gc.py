@@ -2,7 +2,7 @@
 
 Nothing else removes what gathers leave: cached trees (gathers without ``-o``), the pool
 objects they and ``-o`` outputs are hard links to, staging leftovers of killed gathers, and
-the stat cache of every dir ever gathered. As for the store (:mod:`cas_daemon.gc`), a pure
+the stat cache of every dir ever gathered. As for the store (:mod:`cas_daemon.gc_plan`), a pure
 plan (:func:`plan_gather_gc`, from a :class:`GatherListing` of values) decides what goes and
 why, so every rule is tested without a disk and ``--dry-run`` shows exactly what a run does;
 :func:`apply_gather_gc` removes what a plan lists, checking each item again first.
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Literal
 
-from cas_daemon.gc import human_bytes, human_duration
+from cas_daemon.gc_plan import human_bytes, human_duration
 from loader.gather_plan import MARKER_NAME
 from loader.gather_pool import STALE_TMP_S, path_key, tree_lock_path
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from cas_daemon import view_plan, views
-from cas_daemon.gc import (
+from cas_daemon.gc import apply_gc, collect, run_for_daemon, snapshot
+from cas_daemon.gc_plan import (
     BlobInfo,
     GcLimits,
     GcPlan,
@@ -24,12 +25,8 @@ from cas_daemon.gc import (
     StoreSnapshot,
     TreeInfo,
     ViewInfo,
-    apply_gc,
-    collect,
     human_bytes,
     plan_gc,
-    run_for_daemon,
-    snapshot,
 )
 from cas_daemon.layout import StoreLayout
 from cas_daemon.leases import is_alive, process_start_time
