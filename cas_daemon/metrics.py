@@ -24,6 +24,8 @@ class Metrics:
     published: int = 0
     cache_hits: int = 0
     uploads: int = 0
+    #: Ready trees hard-linked into a view's staging during a cold resolve (cas_daemon.prelink).
+    trees_linked_ahead: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     relocks: Counter[str] = field(default_factory=Counter)  # watched dirs' rounds, by result
 
@@ -75,6 +77,12 @@ def render_metrics(
         ),
         ("wheelcas_cache_hits_total", "counter", "Wheels already ready.", [("", m.cache_hits)]),
         ("wheelcas_uploads_total", "counter", "Bundled wheels received.", [("", m.uploads)]),
+        (
+            "wheelcas_view_trees_linked_ahead_total",
+            "counter",
+            "Trees linked into a view's staging while a cold resolve ran.",
+            [("", m.trees_linked_ahead)],
+        ),
         ("wheelcas_errors_total", "counter", "Failed requests.", [("", sum(m.errors.values()))]),
         (
             "wheelcas_errors_by_type_total",

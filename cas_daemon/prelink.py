@@ -48,6 +48,8 @@ class Prelinker:
         self._parts: dict[str, views.TreePart] = {}
         self._mutex = threading.Lock()  # an add, finish and close never overlap
         self._closed = False
+        #: Trees linked whole into a part, for the daemon's metrics.
+        self.trees_linked = 0
 
     @classmethod
     def claim(cls, layout: StoreLayout, key: str) -> Prelinker | None:
@@ -94,6 +96,7 @@ class Prelinker:
             skip = len(root) + 1
             dirs = tuple(sorted(path[skip:] for path in made[1:]))  # made[0] is root itself
             self._parts[str(site_dir)] = views.TreePart(root, dirs)
+            self.trees_linked += 1
 
     def finish(self, entries: Sequence[tuple[str, Path]]) -> Path:
         """The view of ``entries`` (as :func:`cas_daemon.views.ensure_view` takes them),

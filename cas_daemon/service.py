@@ -196,6 +196,7 @@ class Service:
         finally:
             if prelinker is not None:
                 await asyncio.to_thread(prelinker.close)
+                self.metrics.trees_linked_ahead += prelinker.trees_linked
         if prefetch:
             self.metrics.prefetches += 1
         else:
@@ -259,30 +260,30 @@ class Service:
         ``prelinker``, each ready tree is linked into the view's staging area too, one tree
         at a time (:mod:`cas_daemon.prelink`).
         """
-        recording: list[asyncio.Future[None]] = []
+        pending: list[asyncio.Future[None]] = []  # records and links, awaited before returning
+        last_link: asyncio.Future[None] | None = None
 
         def listen(event: ProgressEvent) -> None:
+            nonlocal last_link
             self._meter.count(event)
             if event.kind == "ready" and self.metadata is not None:
-                recording.append(asyncio.ensure_future(self._record_published(event, tag)))
+                pending.append(asyncio.ensure_future(self._record_published(event, tag)))
             if prelinker is not None and event.kind in ("ready", "cached"):
-                previous = prelinking[-1] if prelinking else None
                 site = self.layout.site_dir(event.sha256)
-                task = asyncio.ensure_future(_prelink(prelinker, event.sha256, site, previous))
-                prelinking.append(task)
-                recording.append(task)
+                last_link = asyncio.ensure_future(
+                    _prelink(prelinker, event.sha256, site, last_link)
+                )
+                pending.append(last_link)
             if forward is not None:
                 forward(event)
-
-        prelinking: list[asyncio.Future[None]] = []
 
         try:
             sites = await self.store.aready(plan.refs, python=plan.python, progress=listen)
         except BaseException:
             # The trees that were published are still recorded; the failure is the resolve's.
-            await asyncio.gather(*recording, return_exceptions=True)
+            await asyncio.gather(*pending, return_exceptions=True)
             raise
-        await asyncio.gather(*recording)
+        await asyncio.gather(*pending)
         return sites
 
     # --- metadata: the one place that records into the store's index ------------------------
@@ -412,6 +413,7 @@ class Service:
                 "published": m.published,
                 "cache_hits": m.cache_hits,
                 "uploads": m.uploads,
+                "trees_linked_ahead": m.trees_linked_ahead,
                 "errors": sum(m.errors.values()),
             },
         }

@@ -141,6 +141,7 @@ def test_cold_then_warm_resolve_serves_one_view(
     assert _import_from(cold.package_dirs, "beta") == "beta"
     counters = client.status()["counters"]
     assert (counters["resolves"], counters["downloads"], counters["cache_hits"]) == (2, 2, 2)
+    assert counters["trees_linked_ahead"] == 2  # the cold resolve staged its view tree by tree
     assert not [n for n in _listdir(daemon.tmp_dir) if n.startswith("view-")]  # no parts left
 
 
@@ -406,6 +407,7 @@ def test_metrics_are_prometheus_text(
     assert values["wheelcas_fetched_bytes_total"] == wheel.stat().st_size
     assert values["wheelcas_store_trees"] == 1
     assert values["wheelcas_store_views"] == 1
+    assert values["wheelcas_view_trees_linked_ahead_total"] == 1
     assert types["wheelcas_cache_hits_total"] == "counter"
     assert types["wheelcas_leases"] == "gauge"
     assert types["wheelcas_store_bytes"] == "gauge"

@@ -140,6 +140,7 @@ def test_trees_without_a_part_are_linked_by_the_build(store: Store, trees: Trees
 
     site = prelinker.finish(entries_of(trees))
 
+    assert prelinker.trees_linked == 1
     plain = views.ensure_view(layout, entries_of(trees), key_of(trees, "another-tag"))
     assert shape(site) == shape(plain)
     assert list(layout.tmp_dir.iterdir()) == []
