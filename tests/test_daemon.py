@@ -33,6 +33,7 @@ from cas_daemon.config import (
 )
 from cas_daemon.errors import HashMismatch
 from cas_daemon.layout import StoreLayout
+from cas_daemon.metadata import Metadata
 from cas_daemon.progress import ProgressEvent
 from cas_daemon.protocol import BadRequest, HostNotAllowed, check_host, parse_resolve_request
 from loader.client import DaemonError, DaemonUnavailable, ResolveResult
@@ -168,6 +169,31 @@ def test_concurrent_cold_resolves_download_each_wheel_once(
     results: list[ResolveResult] = [out["value"] for _, out in runs]
     assert len({r.view for r in results}) == 1
     assert [package_index.downloads(w.name) for w in wheels] == [1, 1]
+
+
+def test_trees_published_before_a_resolve_fails_are_recorded_in_the_index(
+    daemon: Daemon, package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
+) -> None:
+    good, bad = _wheels(wheel_dir, "good", "bad")
+    package_index.corrupt(bad.name)
+    package_index.delay(bad.name, 1.0)  # the good tree is ready before the bad one fails
+    model = tmp_path / "m"
+    entry = lock_model(model, [url_dep(package_index, w) for w in (good, bad)])
+
+    with pytest.raises(HashMismatch):
+        daemon.client().resolve(model, entry)
+
+    layout = StoreLayout(daemon.store)
+    assert layout.pyc_marker(sha256_file(good), TAG).is_file()
+    meta = Metadata.open(layout)
+    try:
+        rows = {row.sha256: row for row in meta.wheels()}
+    finally:
+        meta.close()
+    row = rows[sha256_file(good)]
+    assert row.filename == good.name
+    assert row.tree_bytes > 0
+    assert TAG in row.cache_tags
 
 
 def test_a_slow_download_does_not_block_other_requests(
