@@ -13,6 +13,9 @@ fresh interpreter like every other measured process.
 * ``daemon_cold``: a fresh daemon over an empty store; the sample is the client process,
   spawn to exit, whose one resolve returns when every tree is published with ``.pyc`` and
   the view is built.
+* ``cold_floor``: not the daemon but the lower bound of ``daemon_cold`` on this machine: the
+  bare work it implies (unpack the local wheels, compile what the daemon compiles before it
+  answers) in :mod:`benchmarks.floor_worker`, the sample being that process, spawn to exit.
 * ``view_import`` / ``view_import_appended``: the R40 imports with the daemon's view on
   ``sys.path``.
 * ``store_bytes`` / ``venvs_bytes``: disk usage of a store holding three models, and of the
@@ -287,6 +290,33 @@ def daemon_cold(session: Session) -> float:
             daemon.stop()
             session.discard(store)
     return wall
+
+
+def cold_floor(session: Session) -> float:
+    """The bare unpack and compile of the mirror's wheels (:mod:`benchmarks.floor_worker`):
+    the whole process, spawn to exit, into an empty dir."""
+    out = session.scratch("floor")
+    try:
+        wheels_dir = session.mirror.wheels_dir
+        argv: list[str | Path] = [sys.executable, "-m", "benchmarks.floor_worker", wheels_dir, out]
+        result = timed_run(argv, env=isolated_env(), cwd=REPO_ROOT)
+        answer = json.loads(result.stdout.strip().splitlines()[-1])
+        pins = session.mirror.pins
+        if answer["wheels"] != len(pins) or answer["skipped"]:
+            raise RuntimeError(f"the floor worker did not do the whole job: {answer}")
+        numpy = next(out.glob("numpy-*.whl"), out) / "numpy"
+        pyc = numpy / "__pycache__" / f"__init__.{sys.implementation.cache_tag}.pyc"
+        if not pyc.is_file():
+            raise RuntimeError(f"the floor worker wrote no {pyc}")
+        session.inner_sample("cold_floor", float(answer["seconds"]))
+        session.notes["cold_floor"] = [
+            f"{answer['wheels']} wheels, {answer['files']} files written, {answer['modules']} "
+            f"modules compiled, {answer['jobs']} processes; the best daemon_cold could reach "
+            "here: read daemon_cold's ratio against this one's",
+        ]
+    finally:
+        session.discard(out)
+    return result.seconds
 
 
 # --- imports from the view --------------------------------------------------------------------

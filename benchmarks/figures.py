@@ -162,6 +162,14 @@ WHEELCAS_FIGURES: tuple[Figure, ...] = (
         needs=("daemon",),
     ),
     Figure(
+        name="cold_floor",
+        what="(e0) the lower bound of (e): the local wheels unpacked and their modules outside "
+        "test dirs compiled to .pyc, one process per CPU, nothing else (no download, hashing, "
+        "store, view or daemon)",
+        measure=daemon_measures.cold_floor,
+        yardstick=UV_COLD,
+    ),
+    Figure(
         name="daemon_warm",
         what=f"(f) warm resolve via the daemon, lockfile parsed: resolve + sys.path plan/apply, "
         f"median of {daemon_measures.WARM_CALLS} calls in one client process",
