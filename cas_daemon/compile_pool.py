@@ -5,39 +5,39 @@ runs in a persistent pool of worker processes per interpreter (:class:`CompilerP
 started on first use and shared by every tree being published, file batch by file batch: a
 numpy-sized tree keeps every core busy, a five-file tree costs one message, and nobody pays
 an interpreter start-up per wheel. "Precompilation" in docs/design.md has the measurements.
-:mod:`cas_daemon.precompile` decides what a tree gets and seals it; this module only runs
-the workers.
+:mod:`cas_daemon.precompile` decides what a tree gets and seals it; this module only
+schedules the workers: :mod:`cas_daemon.compile_sources` finds and batches a tree's modules,
+:mod:`cas_daemon.compile_worker` is one worker process and its protocol.
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
-import contextlib
 import errno
-import json
 import logging
 import os
-import signal
-import subprocess
-import tempfile
 import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Final
+from typing import Final
 
+from cas_daemon.compile_sources import cut_batches, find_sources, largest_first
+from cas_daemon.compile_worker import (
+    Failure,
+    ProtocolError,
+    Source,
+    WorkerProcess,
+    encode_batch,
+    parse_failures,
+    remove_partial_writes,
+)
 from cas_daemon.errors import StoreError
-from cas_daemon.layout import is_deferred_dir
 
 log = logging.getLogger(__name__)
 
-# A batch is sent to one worker. Small enough that the last batches of the last tree spread
-# over the cores (64 KiB of source compiles in ~10 ms), big enough that a message per batch
-# is noise. Files are sent largest first, so a 700 kB module is a batch of its own.
-BATCH_BYTES: Final = 64 * 1024
-BATCH_FILES: Final = 32
 # Batches a worker holds at once: while it compiles one, the next waits in its pipe, so it
 # never idles while this process (busy unpacking, holding the GIL) gets round to answering.
 _DEPTH: Final = 2
@@ -46,80 +46,9 @@ _MAX_ATTEMPTS: Final = 2
 # Workers left idle this long exit (a daemon should not hold N interpreters forever); the
 # next tree starts them again, ~30 ms.
 IDLE_TIMEOUT: Final = 120.0
-# How long a worker may take to exit after its stdin is closed before it is killed.
-_EXIT_GRACE: Final = 5.0
 # Errors writing a .pyc that say the store itself is broken: a tree marked compiled whose
 # bytecode was never written would make every later import of it slow, silently.
 _FATAL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
-_STDERR_TAIL: Final = 2000
-# The worker, run as ``python -I -S -c _WORKER``: syntax and stdlib of Python 3.8, stdlib
-# only (``-S``: no site-packages, no ``.pth`` code). Protocol, one JSON line each way (ASCII):
-# it first says ``[cache_tag, pid]``; then for each ``[[source, display], ...]`` it receives
-# it answers ``[[index, kind, message, errno], ...]`` for the files it could not compile.
-# Paths travel as their bytes read as latin-1, so any file name survives whatever the
-# worker's filesystem encoding. Its real stdout is kept for the protocol, fd 1 goes to
-# stderr so that nothing printed by accident can corrupt it. SIGINT is the parent's to
-# handle: a worker ends when its stdin does, so it never outlives the parent for long.
-# It compiles as py_compile.compile does (same messages, same invalidation mode), but checks
-# that its parent still lives after compiling and before creating a dir or writing: a worker
-# of a daemon killed with -9 holds batches of a staging tree that the next daemon's start-up
-# sweep removes, and py_compile's makedirs would create those dirs again behind it.
-_WORKER: Final = """\
-import json, os, signal, sys, warnings, py_compile
-import importlib.machinery, importlib.util
-from importlib import _bootstrap_external as external
-
-PARENT = os.getppid()
-MODE = py_compile._get_default_invalidation_mode()
-
-def compile_one(source, display):
-    loader = importlib.machinery.SourceFileLoader("<py_compile>", source)
-    data = loader.get_data(source)
-    try:
-        code = loader.source_to_code(data, display or source)
-    except Exception as exc:
-        raise py_compile.PyCompileError(exc.__class__, exc, display or source)
-    if os.getppid() != PARENT:
-        os._exit(0)  # orphaned: what was asked of it is no one's any more
-    cfile = importlib.util.cache_from_source(source)
-    if MODE == py_compile.PycInvalidationMode.TIMESTAMP:
-        stats = loader.path_stats(source)
-        pyc = external._code_to_timestamp_pyc(code, stats["mtime"], stats["size"])
-    else:
-        checked = MODE == py_compile.PycInvalidationMode.CHECKED_HASH
-        pyc = external._code_to_hash_pyc(code, importlib.util.source_hash(data), checked)
-    os.makedirs(os.path.dirname(cfile), exist_ok=True)
-    external._write_atomic(cfile, pyc, external._calc_mode(source))
-
-def main():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    warnings.simplefilter("ignore")
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
-
-    def say(value):
-        out.write(json.dumps(value).encode("ascii") + b"\\n")
-        out.flush()
-
-    def path(wire):
-        return None if wire is None else os.fsdecode(wire.encode("latin-1"))
-
-    say([sys.implementation.cache_tag, os.getpid()])
-    for line in sys.stdin.buffer:
-        failed = []
-        for index, (source, display) in enumerate(json.loads(line.decode("ascii"))):
-            try:
-                compile_one(path(source), path(display))
-            except py_compile.PyCompileError as exc:
-                failed.append([index, "compile", exc.msg[-1000:], 0])
-            except OSError as exc:
-                failed.append([index, "os", str(exc)[-1000:], exc.errno or 0])
-            except Exception as exc:
-                failed.append([index, "compile", repr(exc)[-1000:], 0])
-        say(failed)
-
-main()
-"""
 
 
 def default_pools() -> CompilerPools:
@@ -141,10 +70,6 @@ def _cpu_count() -> int:
 
 
 # --- the pools ----------------------------------------------------------------------------
-
-
-# (absolute source path, path to show in tracebacks or None, size in bytes)
-_Source = tuple[str, str | None, int]
 
 
 class _Job:
@@ -170,34 +95,24 @@ class _Job:
 @dataclass(slots=True, eq=False)
 class _Batch:
     job: _Job
-    sources: list[_Source]
+    sources: list[Source]
     payload: bytes
     attempts: int = 0
 
 
 class _Worker:
-    """One worker process and what it holds; only its own serving thread uses its pipes."""
+    """One worker process and the batches it holds; only its own serving thread talks to it."""
 
-    __slots__ = ("inflight", "proc", "started", "stderr", "stdin", "stdout", "thread")
+    __slots__ = ("inflight", "process", "thread")
 
-    def __init__(self, proc: subprocess.Popen[bytes], stderr: IO[bytes]) -> None:
-        if proc.stdin is None or proc.stdout is None:
-            raise TypeError("a worker needs pipes to and from it")
-        self.proc = proc
-        self.stdin: IO[bytes] = proc.stdin
-        self.stdout: IO[bytes] = proc.stdout
-        self.stderr = stderr  # an unlinked temp file: a pipe could fill up and block it
+    def __init__(self, process: WorkerProcess) -> None:
+        self.process = process
         self.inflight: collections.deque[_Batch] = collections.deque()
-        self.started = False  # has said hello: the interpreter runs
         self.thread: threading.Thread | None = None
 
 
 class _Retire(Exception):
     """The worker is no longer needed (idle, or its pool is closing)."""
-
-
-class _Died(Exception):
-    """The worker's pipes broke or it answered nonsense."""
 
 
 class _Pool:
@@ -245,7 +160,7 @@ class _Pool:
 
     def worker_pids(self) -> list[int]:
         with self._cond:
-            return [w.proc.pid for w in self._workers]
+            return [w.process.pid for w in self._workers]
 
     def close(self, timeout: float) -> None:
         """Finish the queued batches, stop every worker and reap it.
@@ -262,7 +177,7 @@ class _Pool:
                 worker.thread.join(timeout)
         for worker in workers:
             if worker.thread is not None and worker.thread.is_alive():
-                worker.proc.kill()  # its thread sees EOF, fails what it held and reaps it
+                worker.process.proc.kill()  # its thread sees EOF, fails what it held, reaps it
                 if worker.thread is not current:
                     worker.thread.join()
         with self._cond:
@@ -289,27 +204,19 @@ class _Pool:
                 return
 
     def _spawn(self) -> None:
-        stderr = tempfile.TemporaryFile()  # noqa: SIM115  (closed when the worker is reaped)
-        try:
-            proc = subprocess.Popen(
-                [self.python, "-I", "-S", "-c", _WORKER],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-            )
-        except BaseException:
-            stderr.close()
-            raise
-        worker = _Worker(proc, stderr)
+        worker = _Worker(WorkerProcess.start(self.python))
         worker.thread = threading.Thread(
-            target=self._serve, args=(worker,), name=f"compile worker {proc.pid}", daemon=True
+            target=self._serve,
+            args=(worker,),
+            name=f"compile worker {worker.process.pid}",
+            daemon=True,
         )
         self._workers.append(worker)
         try:
             worker.thread.start()
         except RuntimeError as exc:  # no thread to be had: the worker is of no use
             self._workers.remove(worker)
-            self._reap(worker, graceful=False)
+            worker.process.reap(graceful=False)
             raise OSError(f"cannot start a thread for a compile worker: {exc}") from None
 
     def _serve(self, worker: _Worker) -> None:
@@ -322,11 +229,13 @@ class _Pool:
                 else:
                     self._receive(worker)
         except _Retire:
-            self._reap(worker, graceful=True)
-        except _Died:
+            worker.process.reap(graceful=True)
+        except ProtocolError:
             self._bury(worker)
         except BaseException:  # a bug here must not leave publishing threads waiting
-            log.exception("compile worker %d of %s: internal error", worker.proc.pid, self.python)
+            log.exception(
+                "compile worker %d of %s: internal error", worker.process.pid, self.python
+            )
             self._bury(worker)
 
     def _next(self, worker: _Worker) -> _Batch | None:
@@ -369,37 +278,22 @@ class _Pool:
         return self._background if job.background else self._pending
 
     def _send(self, worker: _Worker, batch: _Batch) -> None:
-        try:
-            worker.stdin.write(batch.payload)
-            worker.stdin.flush()
-        except (OSError, ValueError):
-            raise _Died from None
+        worker.process.send(batch.payload)
 
     def _receive(self, worker: _Worker) -> None:
         """Read one answer; everything is checked before any job's state changes."""
-        try:
-            line = worker.stdout.readline()
-            answer = json.loads(line) if line else None
-        except (OSError, ValueError):
-            raise _Died from None
-        if not isinstance(answer, list):
-            raise _Died
-        if not worker.started:  # the hello: [cache_tag, pid]
-            worker.started = True
+        answer = worker.process.read_answer()
+        if not worker.process.started:  # the hello: [cache_tag, pid]
+            worker.process.started = True
             log.debug("compile worker %s of %s started", answer, self.python)
             return
-        try:
-            failures = [(int(i), str(kind), str(msg), int(code)) for i, kind, msg, code in answer]
-        except (TypeError, ValueError):
-            raise _Died from None
         with self._cond:
             batch = worker.inflight[0]
-            if not all(0 <= failure[0] < len(batch.sources) for failure in failures):
-                raise _Died
+            failures = parse_failures(answer, len(batch.sources))
             worker.inflight.popleft()
             self._settle(batch, failures)
 
-    def _settle(self, batch: _Batch, failures: list[tuple[int, str, str, int]]) -> None:
+    def _settle(self, batch: _Batch, failures: list[Failure]) -> None:
         job = batch.job
         for index, kind, message, code in failures:
             source = batch.sources[index][0]
@@ -417,15 +311,15 @@ class _Pool:
 
     def _bury(self, worker: _Worker) -> None:
         """A worker died: give its batches to another worker once, or fail their trees."""
-        if not worker.started:
-            self._read_hello_of_dead(worker)
-        status, said = self._reap(worker, graceful=False)
+        if not worker.process.started:
+            worker.process.read_hello_of_dead()
+        status, said = worker.process.reap(graceful=False)
         with self._cond:
             if worker in self._workers:
                 self._workers.remove(worker)
             held = list(worker.inflight)
             worker.inflight.clear()
-            if not worker.started:
+            if not worker.process.started:
                 # The interpreter does not run at all: every queued tree would fail the same.
                 for batch in [*held, *self._pending, *self._background]:
                     error = (
@@ -475,52 +369,6 @@ class _Pool:
                             ),
                         )
             self._cond.notify_all()
-
-    def _read_hello_of_dead(self, worker: _Worker) -> None:
-        """Did ``worker`` start before it died? A worker that never got work is not asked.
-
-        Its stdin is closed and it is killed first, so the read ends at once: its hello, or
-        EOF if it never ran (or, for a wrapper script that runs Python as its child rather
-        than exec'ing it, when that child has seen EOF too).
-        """
-        with contextlib.suppress(OSError):
-            worker.stdin.close()
-        worker.proc.kill()
-        with contextlib.suppress(OSError, ValueError):
-            line = worker.stdout.readline()
-            worker.started = isinstance(json.loads(line), list) if line else False
-
-    def _reap(self, worker: _Worker, *, graceful: bool) -> tuple[str, str]:
-        """Stop ``worker``'s process and release its pipes: (how it ended, its stderr tail)."""
-        proc = worker.proc
-        with contextlib.suppress(OSError):
-            worker.stdin.close()  # a graceful worker ends at EOF
-        if not graceful:
-            proc.kill()  # whatever state it is in, it is of no more use
-        try:
-            proc.wait(_EXIT_GRACE)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        worker.stdout.close()
-        try:
-            worker.stderr.seek(0, os.SEEK_END)
-            size = worker.stderr.tell()
-            worker.stderr.seek(max(0, size - _STDERR_TAIL))
-            said = worker.stderr.read().decode("utf-8", "replace").strip()
-        except OSError:
-            said = ""
-        finally:
-            worker.stderr.close()
-        code = proc.returncode
-        if code is not None and code < 0:
-            try:
-                status = f"killed by {signal.Signals(-code).name}"
-            except ValueError:
-                status = f"killed by signal {-code}"
-        else:
-            status = f"exit status {code}"
-        return status, said
 
     # --- job bookkeeping (lock held) -----------------------------------------------------
 
@@ -585,9 +433,9 @@ class CompilerPools:
         self, site_dir: Path, python: str, *, display_dir: Path | None = None, defer: bool = False
     ) -> int:
         """:func:`cas_daemon.precompile.compile_tree` with these pools."""
-        now, deferred = _find_sources(site_dir, display_dir)
+        now, deferred = find_sources(site_dir, display_dir)
         if not defer:
-            now = _largest_first([*now, *deferred])
+            now = largest_first([*now, *deferred])
             deferred = []
         self._run(_Job(site_dir), now, python)
         return len(deferred)
@@ -597,16 +445,17 @@ class CompilerPools:
     ) -> int:
         """Compile what ``compile_tree(..., defer=True)`` left out, as background work (its
         batches wait for every other tree's); how many modules that was."""
-        _now, deferred = _find_sources(site_dir, display_dir)
+        _now, deferred = find_sources(site_dir, display_dir)
         if deferred:
             self._run(_Job(site_dir, background=True), deferred, python)
         return len(deferred)
 
-    def _run(self, job: _Job, sources: list[_Source], python: str) -> None:
+    def _run(self, job: _Job, sources: list[Source], python: str) -> None:
         site_dir = job.site_dir
-        self._pool(python).run(job, _batches(job, sources))
+        batches = [_Batch(job, chunk, encode_batch(chunk)) for chunk in cut_batches(sources)]
+        self._pool(python).run(job, batches)
         if job.retried:
-            _remove_partial_writes(site_dir)
+            remove_partial_writes(site_dir)
         if job.skipped:
             log.info(
                 "%s: %d file(s) do not compile with %s; left as source",
@@ -650,83 +499,6 @@ class CompilerPools:
             return pool
 
 
-def _find_sources(site_dir: Path, display_dir: Path | None) -> tuple[list[_Source], list[_Source]]:
-    """Every ``*.py`` file under ``site_dir`` as compileall would pick them, largest first:
-    those outside test dirs, and those inside one (:func:`cas_daemon.layout.is_deferred_dir`)."""
-    found: tuple[list[_Source], list[_Source]] = ([], [])
-    stack: list[tuple[str, str | None, bool]] = [
-        (
-            os.fspath(site_dir.absolute()),
-            None if display_dir is None else os.fspath(display_dir),
-            False,
-        )
-    ]
-    while stack:
-        directory, shown, deferred = stack.pop()
-        try:
-            with os.scandir(directory) as entries:
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        if entry.name != "__pycache__":
-                            inner = None if shown is None else f"{shown}/{entry.name}"
-                            stack.append(
-                                (entry.path, inner, deferred or is_deferred_dir(entry.name))
-                            )
-                    elif entry.name.endswith(".py") and entry.is_file():
-                        display = None if shown is None else f"{shown}/{entry.name}"
-                        found[deferred].append((entry.path, display, entry.stat().st_size))
-        except OSError as exc:
-            raise StoreError(f"cannot list {directory} to precompile it: {exc}") from None
-    return _largest_first(found[0]), _largest_first(found[1])
-
-
-def _largest_first(sources: list[_Source]) -> list[_Source]:
-    return sorted(sources, key=lambda source: source[2], reverse=True)
-
-
-def _remove_partial_writes(site_dir: Path) -> None:
-    """Delete the temporary files of writes a killed worker left half done.
-
-    ``py_compile`` writes ``x.pyc.{number}`` and renames it to ``x.pyc``; a worker killed in
-    between leaves the first behind (its file was compiled again by another worker).
-    """
-    for root, _dirs, files in os.walk(site_dir):
-        if Path(root).name == "__pycache__":
-            for name in files:
-                stem, dot, suffix = name.rpartition(".")
-                if dot and stem.endswith(".pyc") and suffix.isdigit():
-                    Path(root, name).unlink(missing_ok=True)
-
-
-def _batches(job: _Job, sources: list[_Source]) -> list[_Batch]:
-    """``sources`` cut into batches; one empty batch if there are none.
-
-    The empty batch still goes to a worker, so an interpreter that cannot run is reported
-    for a tree without modules too, as it always was.
-    """
-    batches: list[_Batch] = []
-    current: list[_Source] = []
-    size = 0
-    for source in sources:
-        current.append(source)
-        size += source[2]
-        if size >= BATCH_BYTES or len(current) >= BATCH_FILES:
-            batches.append(_batch(job, current))
-            current, size = [], 0
-    if current or not batches:
-        batches.append(_batch(job, current))
-    return batches
-
-
-def _batch(job: _Job, sources: list[_Source]) -> _Batch:
-    wire = [[_wire(path), None if shown is None else _wire(shown)] for path, shown, _ in sources]
-    return _Batch(job, sources, json.dumps(wire).encode("ascii") + b"\n")
-
-
-def _wire(path: str) -> str:
-    return os.fsencode(path).decode("latin-1")
-
-
 _default_pools: CompilerPools | None = None
 _default_lock = threading.Lock()
 _all_pools: weakref.WeakSet[CompilerPools] = weakref.WeakSet()
@@ -747,9 +519,7 @@ def _after_fork_in_child() -> None:
         for pool in pools._pools.values():
             _inherited.append(pool)
             for worker in pool._workers:
-                for stream in (worker.stdin, worker.stdout):
-                    with contextlib.suppress(OSError, ValueError):
-                        os.close(stream.fileno())
+                worker.process.forget_in_fork_child()
         pools._pools = {}
         pools._lock = threading.Lock()
 
