@@ -2,9 +2,10 @@
 
 ``Store.aready`` follows "Publishing a tree" in docs/design.md. Processes coordinate by the
 per-sha256 ``flock`` (the second one waits, then finds the tree: one download per wheel);
-inside a process, concurrent requests for a wheel and interpreter share one task. The warm
-path (``warm_site_dirs``) is ``stat`` calls only, and the module imports nothing heavy: the
-cold path imports asyncio, aiohttp, unpacking and compiling itself.
+inside a process, concurrent requests for a wheel and interpreter share one task; the
+blocking steps of publishing a tree run in the store's threads, from :mod:`cas_daemon.publish`.
+The warm path (``warm_site_dirs``) is ``stat`` calls only, and the module imports nothing
+heavy: the cold path imports asyncio, aiohttp, unpacking and compiling itself.
 """
 
 from __future__ import annotations
@@ -14,16 +15,15 @@ import contextlib
 import fcntl
 import functools
 import os
-import secrets
 import sys
 import weakref
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar
 
-from cas_daemon.bundle_keys import DigestCache, sha256_file
-from cas_daemon.errors import HashMismatch, StoreError
+from cas_daemon.bundle_keys import DigestCache
+from cas_daemon.errors import StoreError
 from cas_daemon.layout import StoreLayout, default_store_root
 from cas_daemon.progress import EventKind, ProgressCallback, ProgressEvent
 from lockgen.lockfile import LockedDep, Sha256
@@ -362,30 +362,16 @@ class Store:
         if not marker.exists():
             return None
         async with _exclusive(self.layout.lock_path(sha)):
-            return await _locked_step(self._steps(), self._complete_deferred, sha, cache_tag)
+            from cas_daemon.publish import complete_deferred_tree
 
-    def _complete_deferred(self, sha: str, cache_tag: str) -> int | None:
-        from cas_daemon.precompile import complete_deferred, interpreter_cache_tag
-
-        marker = self.layout.deferred_marker(sha, cache_tag)
-        site = self.layout.site_dir(sha)
-        try:
-            python = marker.read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            return None  # completed, or the tree removed, while this waited for the lock
-        if not site.is_dir() or not self.layout.pyc_marker(sha, cache_tag).exists():
-            marker.unlink(missing_ok=True)
-            return None
-        if interpreter_cache_tag(python) != cache_tag:
-            raise StoreError(
-                f"the deferred bytecode of {site} was for {cache_tag}, but {python} (which "
-                "published it) now has another cache tag: its test modules stay uncompiled. "
-                f"Remove {marker} to stop retrying."
+            return await _locked_step(
+                self._steps(),
+                complete_deferred_tree,
+                self.layout,
+                sha,
+                cache_tag,
+                pools=self._compile_pools(),
             )
-        # Not deduplicated again: bytecode never matches another tree's (cas_daemon.dedupe).
-        count = complete_deferred(site, python, pools=self._compile_pools(), display_dir=site)
-        marker.unlink()
-        return count
 
     def stats(self) -> StoreStats:
         blobs, blob_bytes = _count_files(self.layout.blobs_dir)
@@ -429,14 +415,24 @@ class Store:
             emit("cached")
             return
         from cas_daemon.precompile import compile_published
+        from cas_daemon.publish import publish_tree, remove_leftovers
 
         async with _exclusive(self.layout.lock_path(sha)):
-            await _locked_step(self._steps(), self._remove_leftovers, sha)
+            await _locked_step(self._steps(), remove_leftovers, self.layout, sha)
             if not self.layout.tree_dir(sha).exists():
                 emit("start")
                 source = await self._obtain(state, ref, emit)
                 size = await _locked_step(
-                    self._steps(), self._publish, ref, source, python, cache_tag
+                    self._steps(),
+                    publish_tree,
+                    self.layout,
+                    ref,
+                    source,
+                    python,
+                    cache_tag,
+                    limits=self._limits,
+                    pools=self._compile_pools(),
+                    defer_test_bytecode=self.defer_test_bytecode,
                 )
                 emit("ready", size)
             elif not marker.exists():
@@ -483,101 +479,6 @@ class Store:
             str(ref.url), ref.sha256, blob, self.layout.tmp_dir, on_bytes=on_bytes
         )
         return blob
-
-    # --- blocking steps, run in a thread while the wheel's lock is held -------------------
-
-    def _remove_leftovers(self, sha: str) -> None:
-        from cas_daemon.precompile import remove_sealed
-
-        for path in self.layout.tmp_dir.glob(f"{self.layout.staging_prefix(sha)}*"):
-            remove_sealed(path)
-
-    def _publish(self, ref: WheelRef, source: Path, python: str, cache_tag: str) -> int:
-        from cas_daemon.dedupe import MIN_DEDUPE_SIZE
-        from cas_daemon.precompile import compile_tree, remove_sealed, seal_read_only, write_marker
-        from cas_daemon.unpack import UnpackLimits, unpack_wheel
-        from lockgen.classify import strip_credentials
-
-        layout = self.layout
-        staging = layout.tmp_dir / f"{layout.staging_prefix(ref.sha256)}{secrets.token_hex(8)}"
-        staging.mkdir()
-        try:
-            # A blob was hashed on its way in, a bundle is checked here: RECORD need only be
-            # checked for a compressed bundle, which the lock's sha256 cannot vouch for.
-            bundled = ref.bundle_path is not None and _check_bundled(source, ref)
-            limits = self._limits if self._limits is not None else UnpackLimits()
-            shown = str(ref.bundle_path) if ref.url is None else strip_credentials(ref.url)
-            site = staging / "site"
-            unpacked = unpack_wheel(
-                source,
-                site,
-                limits=limits,
-                verify_record=bundled,
-                display_name=shown,
-                digest_min_size=MIN_DEDUPE_SIZE,
-            )
-            deferred = compile_tree(
-                site,
-                python,
-                display_dir=layout.site_dir(ref.sha256),
-                pools=self._compile_pools(),
-                defer=self.defer_test_bytecode,
-            )
-            if deferred:  # before the ready marker: both are in the tree when it appears
-                write_marker(staging / layout.deferred_marker(ref.sha256, cache_tag).name, python)
-            write_marker(staging / layout.pyc_marker(ref.sha256, cache_tag).name, python)
-            seal_read_only(site)
-            tree = layout.tree_dir(ref.sha256)
-            tree.parent.mkdir(parents=True, exist_ok=True)
-            staging.rename(tree)
-        except BaseException:
-            remove_sealed(staging)
-            raise
-        self._dedupe(ref.sha256, unpacked.digests)
-        return source.stat().st_size
-
-    def _dedupe(self, key: str, known_digests: Mapping[str, str]) -> None:
-        """Share files identical to ones of other trees (see :mod:`cas_daemon.dedupe`).
-
-        Only an optimisation: a tree that could not be deduplicated is still complete.
-        """
-        import logging  # kept off the warm path, like everything the cold path needs
-
-        from cas_daemon.dedupe import dedupe_tree
-
-        log = logging.getLogger(__name__)
-        try:
-            result = dedupe_tree(
-                self.layout, self.layout.site_dir(key), known_digests=known_digests
-            )
-        except OSError as exc:
-            log.warning("could not deduplicate %s: %s", self.layout.site_dir(key), exc)
-            return
-        if result.files_linked:
-            log.debug(
-                "%s: %d files shared, %d bytes saved", key, result.files_linked, result.bytes_saved
-            )
-
-
-def _check_bundled(source: Path, ref: WheelRef) -> bool:
-    """Check a bundled file before unpacking it; True if it is a compressed bundle.
-
-    Its bytes must hash to the store key, the tree's name: whoever supplied them, a tree is
-    then what those bytes unpack to. A plain ``.whl`` is keyed by the lock's sha256, so this
-    is the lock's own check. A compressed bundle's header must also name the lock's wheel:
-    no proof of anything (its members are checked against RECORD when unpacking), but it
-    catches a stale bundle under the wrong directory.
-    """
-    from lockgen.bundle import is_bundle, read_bundle_header
-
-    actual = sha256_file(source)
-    if actual != ref.sha256:
-        raise HashMismatch(str(source), ref.sha256, actual)
-    compressed = is_bundle(source)
-    named = read_bundle_header(source).wheel_sha256 if compressed else actual
-    if named != ref.wheel_sha256:  # a plain wheel's bytes are not the lock's wheel
-        raise HashMismatch(str(source), ref.wheel_sha256, named)
-    return compressed
 
 
 def _count_files(top: Path) -> tuple[int, int]:

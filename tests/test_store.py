@@ -14,9 +14,11 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from cas_daemon import publish as publish_module
 from cas_daemon.errors import HashMismatch, StoreError
 from cas_daemon.layout import StoreLayout, default_store_root
 from cas_daemon.progress import ProgressEvent
@@ -132,15 +134,15 @@ def test_downloads_go_on_while_publishes_hold_the_loops_default_threads(
     held = {first.name, second.name}
     entered = threading.Semaphore(0)
     release = threading.Event()
-    publish = Store._publish
+    publish = publish_module.publish_tree
 
-    def holding(self: Store, ref: WheelRef, *args: object) -> int:
+    def holding(layout: StoreLayout, ref: WheelRef, *args: Any, **kwargs: Any) -> int:
         if ref.filename in held:
             entered.release()
             assert release.wait(30)
-        return publish(self, ref, *args)  # type: ignore[arg-type]
+        return publish(layout, ref, *args, **kwargs)
 
-    monkeypatch.setattr(Store, "_publish", holding)
+    monkeypatch.setattr(publish_module, "publish_tree", holding)
 
     async def scenario() -> None:
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=2))
