@@ -51,11 +51,15 @@ def process_start_time(pid: int, *, proc: Path = PROC) -> int | None:
     An exited process that is not reaped yet (a zombie) is gone too. None also when the
     entry cannot be read or parsed: see :func:`is_alive` for how that is told apart.
     """
-    try:
-        text = (proc / str(pid) / "stat").read_text(encoding="utf-8", errors="replace")
+    try:  # os calls, not Path.read_text: every resolve with a lease asks (~5x cheaper)
+        fd = os.open(f"{proc}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
     except OSError:
         return None
-    parsed = parse_stat(text)
+    parsed = parse_stat(data.decode("utf-8", errors="replace"))
     if parsed is None or parsed[0] in _EXITED_STATES:
         return None
     return parsed[1]

@@ -9,6 +9,7 @@ here are the API's own; the server maps each to its HTTP status (docs/api.md).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import urllib.parse
@@ -221,13 +222,27 @@ def check_host(url: str, allowed: Sequence[str]) -> None:
     ``file://`` and other schemes are refused too: a daemon reading local files for a client
     would tell the client the sha256 of files it may not read itself.
     """
-    from cas_daemon.fetch import redact_url
+    scheme, host, netloc = _url_host(url)
+    if (
+        scheme not in ("http", "https")
+        or not host
+        or (host not in allowed and netloc not in allowed)
+    ):
+        from cas_daemon.fetch import redact_url
 
+        raise HostNotAllowed(redact_url(url), netloc or f"({scheme or 'no'} URL)", allowed)
+
+
+@functools.lru_cache(maxsize=4096)
+def _url_host(url: str) -> tuple[str, str, str]:
+    """``(scheme, host, host[:port])`` of ``url``, lower-case host; empty if it has none.
+
+    Cached: a warm resolve checks every wheel's URL, the same ones each time.
+    """
     parts = urllib.parse.urlsplit(url)
     try:
         host = (parts.hostname or "").lower()
         netloc = f"{host}:{parts.port}" if parts.port is not None else host
     except ValueError:  # a port that is not a number
         host = netloc = ""
-    if parts.scheme not in ("http", "https") or not host or not {host, netloc} & set(allowed):
-        raise HostNotAllowed(redact_url(url), netloc or f"({parts.scheme or 'no'} URL)", allowed)
+    return parts.scheme, host, netloc

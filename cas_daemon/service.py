@@ -175,11 +175,13 @@ class Service:
             lease = await self._record_lease(peer, shas, key)
         prelinker: Prelinker | None = None
         try:
-            already = sum(self.layout.pyc_marker(s, tag).exists() for s in shas)
-            if already == len(shas):
+            warm = self.store.warm_site_dirs(plan.refs, tag)
+            if warm is not None:
+                already = len(shas)
                 self.metrics.cache_hits += already
-                sites = [self.layout.site_dir(ref.sha256) for ref in plan.refs]
+                sites = warm
             else:
+                already = sum(self.layout.pyc_marker(s, tag).exists() for s in shas)
                 prelinker = await self._claim_prelinker(key)
                 sites = await self._ready_recording(plan, tag, on_event, prelinker)
                 self.deferred.note_published(shas, tag)

@@ -49,6 +49,8 @@ class _Emit(Protocol):
 
 #: Threads for the store's blocking steps (:meth:`Store._steps`): wheels published at once.
 STEP_THREADS = 16
+#: Site dir paths the warm path keeps made (a few hundred bytes each); dropped all at once.
+_SITE_PATHS_KEPT = 65536
 _LOCK_POLL_FIRST = 0.005
 _LOCK_POLL_MAX = 0.1
 
@@ -166,6 +168,9 @@ class Store:
         self._compilers_lock = _thread.allocate_lock()
         self._executor: ThreadPoolExecutor | None = None  # the cold path's, see _steps()
         self._executor_pid = 0
+        # sha256 -> its site dir: a path never changes, and building a Path costs more than
+        # checking the tree's marker (warm_site_dirs).
+        self._site_paths: dict[str, Path] = {}
 
     @classmethod
     def open_default(
@@ -260,12 +265,20 @@ class Store:
         One ``stat`` per wheel: the marker lives inside the tree, which appears by one rename,
         so an existing marker means a complete tree. None as soon as one is missing.
         """
-        layout = self.layout
-        sites: list[Path] = []
+        layout, known = self.layout, self._site_paths
+        marker = f"pyc-{cache_tag}"
         for ref in refs:
-            if not os.path.exists(layout.pyc_marker(ref.sha256, cache_tag)):  # noqa: PTH110
+            # Strings, not Path joins: a warm resolve of R40 asks 40 times, every load.
+            if not os.path.exists(f"{layout.tree_path(ref.sha256)}/{marker}"):  # noqa: PTH110
                 return None
-            sites.append(layout.site_dir(ref.sha256))
+        sites = []
+        for ref in refs:
+            site = known.get(ref.sha256)
+            if site is None:
+                if len(known) >= _SITE_PATHS_KEPT:
+                    known.clear()
+                site = known[ref.sha256] = Path(f"{layout.tree_path(ref.sha256)}/site")
+            sites.append(site)
         return sites
 
     # --- the cold path -----------------------------------------------------------------

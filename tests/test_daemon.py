@@ -602,6 +602,10 @@ def test_only_http_urls_on_allowed_hosts_pass() -> None:
         with pytest.raises(HostNotAllowed) as caught:
             check_host(url, allowed)
         assert "secret" not in str(caught.value)
+    # URLs are parsed once and kept; the decision is made against each call's hosts.
+    with pytest.raises(HostNotAllowed):
+        check_host("https://files.pythonhosted.org/packages/x.whl", ["127.0.0.1:8080"])
+    check_host("https://FILES.pythonhosted.org/packages/y.whl", allowed)
 
 
 def test_resolve_requests_are_validated() -> None:

@@ -21,6 +21,7 @@ import pytest
 from cas_daemon import publish as publish_module
 from cas_daemon.errors import HashMismatch, StoreError
 from cas_daemon.layout import StoreLayout, default_store_root
+from cas_daemon.precompile import remove_sealed
 from cas_daemon.progress import ProgressEvent
 from cas_daemon.store import Store, WheelRef
 from lockgen.bundle import bundle_filename, write_bundle
@@ -78,6 +79,34 @@ def test_pyc_name_the_final_path_not_the_staging_dir(
     (pyc,) = (site / "gamma" / "__pycache__").glob(f"*.{TAG}.pyc")
     code = marshal.loads(pyc.read_bytes()[16:])  # noqa: S302 - a file this test just made
     assert code.co_filename == str(site / "gamma" / "__init__.py")
+
+
+def test_the_warm_path_checks_every_tree_each_time(
+    store: Store, package_index: PackageIndex, wheel_dir: Path
+) -> None:
+    """It keeps the site dirs' paths it made, never the answer: a tree removed (by a GC, by
+    hand) makes the next warm check fail, and a tree published again is found again."""
+    refs = [_ref(package_index, w) for w in _wheels(wheel_dir, "alpha", "beta")]
+    first = store.ready(refs)
+    assert store.warm_site_dirs(refs, TAG) == first
+    assert [str(p) for p in first] == [f"{store.layout.tree_path(r.sha256)}/site" for r in refs]
+    assert [str(p) for p in first] == [str(store.layout.site_dir(r.sha256)) for r in refs]
+
+    remove_sealed(store.layout.tree_dir(refs[1].sha256))
+
+    assert store.warm_site_dirs(refs, TAG) is None
+    assert store.warm_site_dirs(refs[:1], TAG) == first[:1]
+    assert store.ready(refs) == first
+    assert store.warm_site_dirs(refs, TAG) == first
+    assert store.warm_site_dirs(refs, "cpython-399") is None
+
+
+def test_tree_path_is_tree_dir_as_a_string() -> None:
+    for root in (Path("/"), Path("/srv/store"), Path("rel/store")):
+        layout = StoreLayout(root)
+        sha = "ab" + "0" * 62
+        assert layout.tree_path(sha) == str(layout.tree_dir(sha))
+        assert layout == StoreLayout(root)  # the cached prefix is not part of equality
 
 
 def test_second_ready_is_warm_and_downloads_nothing(
