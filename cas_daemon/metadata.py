@@ -286,15 +286,18 @@ class Metadata:
 
     def touch(self, shas: Iterable[str], view_key: str | None = None) -> None:
         """Mark wheels (and a view) as used now: the age limit of GC counts from here."""
+        self.touch_all(shas, () if view_key is None else (view_key,))
+
+    def touch_all(self, shas: Iterable[str], view_keys: Iterable[str]) -> None:
+        """:meth:`touch` for any number of views, in one transaction (the daemon's batches)."""
         now = self._clock()
         with self.transaction():
             self._conn.executemany(
                 "UPDATE wheels SET last_used_at = ? WHERE sha256 = ?", [(now, s) for s in shas]
             )
-            if view_key is not None:
-                self._conn.execute(
-                    "UPDATE views SET last_used_at = ? WHERE key = ?", (now, view_key)
-                )
+            self._conn.executemany(
+                "UPDATE views SET last_used_at = ? WHERE key = ?", [(now, k) for k in view_keys]
+            )
 
     def wheels(self) -> list[WheelRow]:
         with self._read():

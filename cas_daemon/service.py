@@ -60,6 +60,7 @@ from cas_daemon.protocol import (
 )
 from cas_daemon.store import Store, StoreStats, WheelRef
 from cas_daemon.uploads import Uploads
+from cas_daemon.uses import UseRecorder
 from cas_daemon.watch import EventKind, PythonTarget
 from cas_daemon.watcher import Watches
 from cas_daemon.watchpaths import check_model_dir, trust_problems, warn_if_untrusted
@@ -106,6 +107,7 @@ class Service:
         self._conflicts: dict[str, WheelcasError] = {}
         self.watches: Watches | None = None
         self.deferred = DeferredBytecode(store)
+        self.uses = UseRecorder(self._write_uses)
 
     @classmethod
     async def open(cls, config: DaemonConfig, store: Store) -> Service:
@@ -124,6 +126,7 @@ class Service:
     async def aclose(self) -> None:
         await self.stop_watching()
         await self.deferred.aclose()
+        await self.uses.flush()
         if self.metadata is not None:
             await asyncio.to_thread(self.metadata.close)
 
@@ -189,7 +192,7 @@ class Service:
             site, view_error = (
                 (None, None) if key is None else await self._view(plan, key, prelinker)
             )
-            await self._record_use(shas, key if site is not None else None)
+            self._record_use(shas, key if site is not None else None)
         except BaseException as exc:
             if lease is not None:
                 await self._drop_lease_record(lease)
@@ -303,9 +306,14 @@ class Service:
 
         await asyncio.to_thread(record)
 
-    async def _record_use(self, shas: Sequence[str], key: str | None) -> None:
+    def _record_use(self, shas: Sequence[str], key: str | None) -> None:
+        """Written soon, in a batch, not before the answer (:mod:`cas_daemon.uses`)."""
         if self.metadata is not None:
-            await asyncio.to_thread(self.metadata.touch, shas, key)
+            self.uses.note(shas, key)
+
+    def _write_uses(self, shas: frozenset[str], views: frozenset[str]) -> None:
+        if self.metadata is not None:
+            self.metadata.touch_all(shas, views)
 
     async def _record_lease(self, peer: Peer, shas: Sequence[str], key: str | None) -> int | None:
         if self.metadata is None:
@@ -562,6 +570,7 @@ class Service:
         if self.metadata is None:
             raise Unavailable("garbage collection needs the store index; run `wheelcas fsck`")
         self._stats = None
+        await self.uses.flush()  # GC decides on every use answered so far
         return await run_for_daemon(self.layout, self.metadata, self.config, dry_run=dry_run)
 
 

@@ -483,6 +483,29 @@ def test_gc_keeps_what_a_live_lease_holds(
         assert package_index.downloads(dropped.name) == 2
 
 
+def test_gc_counts_age_from_the_last_resolve_even_right_after_it(
+    short_tmp: Path, store: Path, package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
+) -> None:
+    """Uses are written after the answer (cas_daemon/uses.py); a GC asked for right after a
+    resolve must still see that use, and count the age limit from it."""
+    (wheel,) = _wheels(wheel_dir, "omega")
+    entry = lock_model(tmp_path / "m", [url_dep(package_index, wheel)])
+    tree = StoreLayout(store).tree_dir(sha256_file(wheel))
+    settings = {"gc": {"max_age": "1s", "interval": "1h"}}
+    with running_daemon(short_tmp, store, settings=settings) as daemon:
+        client = daemon.client()
+        client.resolve(tmp_path / "m", entry)
+        time.sleep(1.3)  # published and last used longer ago than gc.max_age
+        client.resolve(tmp_path / "m", entry)  # no lease: only its use protects it
+
+        client.gc(dry_run=False)
+        assert tree.is_dir()
+
+        time.sleep(1.3)
+        client.gc(dry_run=False)
+        assert not tree.exists()
+
+
 def test_gc_runs_on_its_interval(
     short_tmp: Path, store: Path, package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
 ) -> None:
