@@ -177,7 +177,7 @@ class _Pool:
                 worker.thread.join(timeout)
         for worker in workers:
             if worker.thread is not None and worker.thread.is_alive():
-                worker.process.proc.kill()  # its thread sees EOF, fails what it held, reaps it
+                worker.process.kill()  # its thread sees EOF, fails what it held and reaps it
                 if worker.thread is not current:
                     worker.thread.join()
         with self._cond:

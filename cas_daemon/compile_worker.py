@@ -197,8 +197,9 @@ class WorkerProcess:
             raise ProtocolError("its stdin is closed") from None
 
     def read_answer(self) -> list[object]:
-        """The worker's next line: its hello first (``started`` is set), then one answer per
-        batch, in the order sent. Raises :class:`ProtocolError` at EOF or for nonsense."""
+        """The worker's next line: its hello first (the caller then sets ``started``), then
+        one answer per batch, in the order sent. Raises :class:`ProtocolError` at EOF or for
+        nonsense."""
         try:
             line = self.stdout.readline()
             answer = json.loads(line) if line else None
@@ -207,6 +208,10 @@ class WorkerProcess:
         if not isinstance(answer, list):
             raise ProtocolError("it ended, or said something other than a list")
         return answer
+
+    def kill(self) -> None:
+        """SIGKILL, whatever it is doing; :meth:`reap` still has to follow."""
+        self.proc.kill()
 
     def read_hello_of_dead(self) -> None:
         """Did this worker start before it died? A worker that never got work is not asked.

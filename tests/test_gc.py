@@ -33,6 +33,7 @@ from cas_daemon.leases import is_alive, process_start_time
 from cas_daemon.metadata import Metadata
 from cas_daemon.store import Store, WheelRef
 from lockgen.lockfile import sha256_hex
+from tests.support.clock import FakeClock
 from tests.support.wheels import build_wheel, sha256_file
 
 DAY = 86400.0
@@ -238,14 +239,6 @@ def test_human_bytes() -> None:
 # --- apply on a real store ----------------------------------------------------------------
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def layout(tmp_path: Path) -> StoreLayout:
     return StoreLayout(tmp_path / "store")
@@ -253,7 +246,7 @@ def layout(tmp_path: Path) -> StoreLayout:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1_700_000_000.0)
 
 
 @pytest.fixture

@@ -21,18 +21,11 @@ from cas_daemon.layout import StoreLayout
 from cas_daemon.metadata import SCHEMA_VERSION, Metadata
 from cas_daemon.store import Store, WheelRef
 from lockgen.lockfile import sha256_hex
+from tests.support.clock import FakeClock
 from tests.support.wheels import build_wheel, sha256_file
 
 TAG = sys.implementation.cache_tag
 SHA_A, SHA_B, SHA_C = "a" * 64, "b" * 64, "c" * 64
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -14,17 +14,10 @@ import pytest
 from cas_daemon.layout import StoreLayout
 from cas_daemon.metadata import Metadata
 from cas_daemon.uses import UseRecorder
+from tests.support.clock import FakeClock
 
 TAG = "cpython-311"
 SHA_A, SHA_B, SHA_C = "a" * 64, "b" * 64, "c" * 64
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
